@@ -1,0 +1,1 @@
+"""Run records -> frames -> Pareto front, fits, plots, report, notebook. Never imports training code."""

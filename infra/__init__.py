@@ -1,0 +1,1 @@
+"""DeepSpeed wrapping and distributed init, MLflow tracking, checkpoint IO, cluster files."""

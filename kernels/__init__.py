@@ -1,0 +1,1 @@
+"""Fast paths, each with a plain-torch reference twin, behind one dispatch."""

@@ -1,0 +1,1 @@
+"""Pure-torch sparse GPT: config, modules, hook points, sparsity mechanics, node addressing."""

@@ -1,0 +1,75 @@
+"""The `circuitscale` command line: one verb per stage.
+
+Every verb takes `--config FILE` and dotlist overrides, prints where its outputs are, and exits 2
+with one line on a user error (bad config, bad input); bugs keep their traceback.
+"""
+
+import argparse
+import sys
+
+from pipeline.config import ExperimentConfig, config_to_yaml, resolve_config
+from pipeline.data import DataResult, build_data
+from pipeline.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(args.config, args.overrides)
+        return args.run(cfg, args)
+    except UserError as err:
+        print(f"circuitscale: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("circuitscale: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circuitscale", description="Scaling studies of weight-sparse transformers and their circuits."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    data = verbs.add_parser("data", help="build (or reuse) the tokenized corpus: BPE + token shards")
+    _common(data)
+    data.set_defaults(run=run_data)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML experiment config (defaults <- FILE <- overrides)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, e.g. data.vocab_size=1024"
+    )
+
+
+def run_data(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    result = build_data(cfg.data, config_yaml=config_to_yaml(cfg), progress=not args.no_progress)
+    print(describe_data(result))
+    return 0
+
+
+def describe_data(result: DataResult) -> str:
+    m = result.dataset.manifest
+    files = m["files"]
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(files["skipped"].items())) or "none"
+    lines = [
+        f"{'reused cached' if result.reused else 'built'} dataset in {result.seconds:.1f}s: {result.dataset.folder}",
+        f"  sources: {', '.join(m['sources'])}",
+        f"  files read: {files['read']}  skipped: {skipped}  documents: {m['documents']}",
+    ]
+    for name, split in m["splits"].items():
+        per_byte = split["bytes"] / max(split["tokens"], 1)
+        lines.append(
+            f"  {name:5s}: {split['documents']:6d} docs  {split['bytes'] / 1e6:8.2f} MB  "
+            f"{split['tokens']:>11,d} tokens  ({per_byte:.2f} bytes/token)"
+        )
+    tok = m["tokenizer"]
+    lines.append(f"  tokenizer: vocab {tok['vocab_size']}, end-of-text id {tok['eot_id']}, {m['dtype']} shards")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The experiment config: stage configs composed into one, resolved and validated before compute.
+
+Resolution order: dataclass defaults <- `--config FILE.yaml` <- dotlist overrides
+(`model.d_model=128 sparsity.density=0.0625`). OmegaConf structured configs check keys and types
+(Literal fields included, OmegaConf >= 2.4); the `check_*` functions next to each stage config check
+ranges. Every failure becomes one `ConfigError` line that names the key.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from infra.engine import DeepSpeedConfig
+from infra.tracking import TrackingConfig, check_tracking_config
+from model.config import ModelConfig, SparsityConfig, check_model_config, check_sparsity_config
+from pipeline.data import DataConfig, check_data_config
+from pipeline.errors import ConfigError
+from pipeline.prune import PruneConfig, check_prune_config
+from pipeline.train import TrainConfig, TrialConfig, check_train_config, check_trial_config
+
+CONFIG_FILENAME = "config.yaml"
+
+
+@dataclass(kw_only=True, frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+def resolve_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    point: Mapping[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Defaults <- YAML file <- dotlist overrides <- `point` (dotted key -> value, a study's grid point),
+    validated; raises ConfigError on any problem."""
+    layers = [OmegaConf.structured(ExperimentConfig)]
+    if config_file is not None:
+        layers.append(_load_yaml_layer(Path(config_file)))
+    layers.append(_dotlist_layer(overrides or []))
+    if point:
+        layers.append(_point_layer(point))
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Range and cross-field rules of every stage; types were checked by the schema."""
+    checks = [
+        (check_data_config, cfg.data),
+        (check_model_config, cfg.model),
+        (check_sparsity_config, cfg.sparsity),
+        (check_train_config, cfg.train),
+        (check_trial_config, cfg.trial),
+        (check_prune_config, cfg.prune),
+        (check_tracking_config, cfg.tracking),
+    ]
+    try:
+        for check, section in checks:
+            check(section)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: ExperimentConfig, folder: str | Path) -> Path:
+    """Write the resolved config beside a stage's outputs; `resolve_config(path)` reads it back."""
+    path = Path(folder) / CONFIG_FILENAME
+    path.write_text(config_to_yaml(cfg), encoding="utf-8")
+    return path
+
+
+def _load_yaml_layer(path: Path):
+    if not path.is_file():
+        raise ConfigError(f"--config: file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{line}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of config sections, got {type(data).__name__}")
+    return OmegaConf.create(data)
+
+
+def _dotlist_layer(overrides: list[str]):
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: must look like section.key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _point_layer(point: Mapping[str, Any]):
+    layer = OmegaConf.create()
+    for key, value in point.items():
+        OmegaConf.update(layer, key, value, force_add=True)
+    return layer
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    """OmegaConf's multi-line message -> '<full key>: <first line>'."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{key}: {message}" if key else message

@@ -1,0 +1,207 @@
+"""The data stage: sources -> deduplicated documents -> train/val split -> BPE -> token shards.
+
+Output is content-addressed: the folder name hashes the documents and every setting that shapes the
+tokens, so the same sources and config reuse the existing shards. A build happens in a temporary
+folder renamed into place, so an interrupted run leaves nothing half-written.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Tokenizer
+
+from pipeline.corpus import STDLIB_SOURCE, Corpus, Document, collect_documents
+from pipeline.errors import DataError
+from pipeline.shards import encode_documents, token_dtype, write_shards
+from pipeline.tokenizer import NUM_BYTE_TOKENS, PRETOKENIZE_PATTERN, eot_id, tokenizer_digest, train_tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+SPLITS = ("train", "val")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: [STDLIB_SOURCE])  # folders, globs, datasets, URIs
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns on paths relative to a source
+    text_column: str = "text"  # column read from Parquet / Arrow sources
+    vocab_size: int = 2048  # METHOD.md 2: 2048-token BPE, end-of-text is the last id
+    required_tokens: list[str] = field(default_factory=lambda: ["]]\n"])  # must be single tokens
+    val_fraction: float = 0.05  # share of documents (by content hash) held out for validation
+    shard_tokens: int = 1 << 24
+    cache_dir: str = "runs/data"
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    if not cfg.sources:
+        raise ValueError("data.sources: must list at least one folder, glob or dataset")
+    minimum = NUM_BYTE_TOKENS + 1
+    if cfg.vocab_size < minimum:
+        raise ValueError(
+            f"data.vocab_size: must be at least {minimum} (256 byte tokens + end-of-text), got {cfg.vocab_size}"
+        )
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction: must lie in (0, 1), got {cfg.val_fraction}")
+    if cfg.shard_tokens < 1024:
+        raise ValueError(f"data.shard_tokens: must be at least 1024, got {cfg.shard_tokens}")
+    if any(not token for token in cfg.required_tokens):
+        raise ValueError("data.required_tokens: entries must be non-empty strings")
+    if not cfg.text_column:
+        raise ValueError("data.text_column: must not be empty")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A built dataset folder: manifest, tokenizer and shards."""
+
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Dataset":
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{folder} is not a dataset folder (no {MANIFEST}); run `circuitscale data`")
+        return cls(folder=folder, manifest=json.loads(path.read_text(encoding="utf-8")))
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self.folder / TOKENIZER))
+
+    def shards(self, split: str) -> list[dict]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return [s for s in self.manifest["shards"] if s["split"] == split]
+
+
+@dataclass(frozen=True)
+class DataResult:
+    dataset: Dataset
+    reused: bool
+    seconds: float
+
+
+def build_data(
+    cfg: DataConfig, *, config_yaml: str | None = None, progress: bool = True
+) -> DataResult:
+    """Build (or reuse) the dataset for `cfg`; `config_yaml` is written beside the shards."""
+    start = time.perf_counter()
+    corpus = collect_documents(
+        cfg.sources, exclude=cfg.exclude, text_column=cfg.text_column, progress=progress
+    )
+    splits = split_documents(corpus.documents, cfg.val_fraction)
+    key = cache_key(cfg, corpus.documents)
+    folder = Path(cfg.cache_dir).expanduser().resolve() / key
+    if not (folder / MANIFEST).is_file():
+        _build_into(folder, cfg, corpus, splits, key, config_yaml, progress)
+        return DataResult(Dataset.open(folder), reused=False, seconds=time.perf_counter() - start)
+    return DataResult(Dataset.open(folder), reused=True, seconds=time.perf_counter() - start)
+
+
+def split_documents(documents: list[Document], val_fraction: float) -> dict[str, list[Document]]:
+    """Deterministic split by content hash: a file lands in the same split in every run."""
+    splits: dict[str, list[Document]] = {"train": [], "val": []}
+    for doc in documents:
+        position = int(doc.digest[:16], 16) / float(1 << 64)
+        splits["val" if position < val_fraction else "train"].append(doc)
+    for name, docs in splits.items():
+        if not docs:
+            raise DataError(
+                f"data.val_fraction: the {name} split is empty with {len(documents)} documents; "
+                "adjust data.val_fraction or add sources"
+            )
+    return splits
+
+
+def cache_key(cfg: DataConfig, documents: list[Document]) -> str:
+    """Hash of the documents and of every setting that changes the tokens (not where they came from)."""
+    settings = {
+        "format": FORMAT_VERSION,
+        "tokenizers": tokenizers.__version__,
+        "pattern": PRETOKENIZE_PATTERN,
+        "vocab_size": cfg.vocab_size,
+        "required_tokens": list(cfg.required_tokens),
+        "val_fraction": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8"))
+    for doc in documents:
+        digest.update(bytes.fromhex(doc.digest))
+    return digest.hexdigest()[:20]
+
+
+def _build_into(
+    folder: Path,
+    cfg: DataConfig,
+    corpus: Corpus,
+    splits: dict[str, list[Document]],
+    key: str,
+    config_yaml: str | None,
+    progress: bool,
+) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        manifest = _write_dataset(staging, cfg, corpus, splits, key, progress)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if config_yaml is not None:
+            (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not (folder / MANIFEST).is_file():  # not a concurrent twin build: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_dataset(
+    staging: Path, cfg: DataConfig, corpus: Corpus, splits: dict[str, list[Document]], key: str, progress: bool
+) -> dict:
+    train_texts = [d.text for d in splits["train"]]
+    tokenizer = train_tokenizer(
+        train_texts, vocab_size=cfg.vocab_size, required_tokens=cfg.required_tokens, progress=progress
+    )
+    tokenizer.save(str(staging / TOKENIZER))
+    dtype = token_dtype(cfg.vocab_size)
+    shards, split_stats = [], {}
+    for name, docs in splits.items():
+        texts = [d.text for d in docs]
+        tokens = encode_documents(
+            tokenizer, texts, eot=eot_id(tokenizer), dtype=dtype, desc=f"encoding {name}", progress=progress
+        )
+        shards += write_shards(tokens, staging, split=name, shard_tokens=cfg.shard_tokens)
+        num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        split_stats[name] = {"documents": len(docs), "bytes": num_bytes, "tokens": int(len(tokens))}
+    return {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sources": list(cfg.sources),
+        "exclude": list(cfg.exclude),
+        "files": {"read": corpus.files, "per_source": corpus.per_source, "skipped": dict(corpus.skipped)},
+        "documents": len(corpus.documents),
+        "splits": split_stats,
+        "tokenizer": {
+            "file": TOKENIZER,
+            "sha256": tokenizer_digest(tokenizer),
+            "vocab_size": tokenizer.get_vocab_size(),
+            "eot_id": eot_id(tokenizer),
+            "required_tokens": {t: tokenizer.token_to_id(_byte_level(tokenizer, t)) for t in cfg.required_tokens},
+        },
+        "dtype": dtype.name,
+        "shards": shards,
+    }
+
+
+def _byte_level(tokenizer: Tokenizer, text: str) -> str:
+    return tokenizer.pre_tokenizer.pre_tokenize_str(text)[0][0]

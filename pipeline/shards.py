@@ -1,0 +1,82 @@
+"""Token shards: documents -> token ids -> Arrow IPC files with checksums, and memory-mapped reads.
+
+A shard is an uncompressed Arrow IPC file with one `tokens` column (uint16 while the vocabulary fits,
+else uint32) in a single record batch, so a reader maps it and slices it without copying.
+"""
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from pipeline.errors import DataError
+
+TOKEN_COLUMN = "tokens"
+_ENCODE_BATCH_DOCS = 64
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def encode_documents(
+    tokenizer: Tokenizer, texts: Sequence[str], *, eot: int, dtype: np.dtype, desc: str, progress: bool = True
+) -> np.ndarray:
+    """All documents' ids, each followed by end-of-text; encoded in parallel on every core."""
+    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in code is text, not a separator
+    chunks = []
+    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    with tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
+        for start in range(0, len(texts), _ENCODE_BATCH_DOCS):
+            batch = texts[start : start + _ENCODE_BATCH_DOCS]
+            for encoding in tokenizer.encode_batch_fast(list(batch), add_special_tokens=False):
+                chunks.append(np.asarray(encoding.ids, dtype=dtype))
+                chunks.append(np.asarray([eot], dtype=dtype))
+            bar.update(sum(len(t.encode("utf-8")) for t in batch))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+
+
+def write_shards(tokens: np.ndarray, folder: Path, *, split: str, shard_tokens: int) -> list[dict]:
+    """Cut `tokens` into shards of at most `shard_tokens`; returns their manifest entries."""
+    entries = []
+    for index, start in enumerate(range(0, len(tokens), shard_tokens)):
+        name = f"{split}-{index:05d}.arrow"
+        part = tokens[start : start + shard_tokens]
+        table = pa.table({TOKEN_COLUMN: pa.array(part)})
+        with pa.OSFile(str(folder / name), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=len(part))
+        entries.append({"file": name, "split": split, "tokens": int(len(part)), "sha256": file_sha256(folder / name)})
+    return entries
+
+
+def map_shard(path: Path) -> np.ndarray:
+    """The shard's tokens as a read-only array backed by a memory map (no copy)."""
+    source = pa.memory_map(str(path), "r")
+    reader = ipc.open_file(source)
+    if reader.num_record_batches != 1:
+        raise DataError(f"shard {path}: expected one record batch, found {reader.num_record_batches}")
+    return reader.get_batch(0).column(TOKEN_COLUMN).to_numpy(zero_copy_only=True)
+
+
+def verify_shard(path: Path, sha256: str) -> None:
+    if not path.is_file():
+        raise DataError(f"shard {path} is missing; rerun `circuitscale data` to rebuild the dataset")
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise DataError(
+            f"shard {path} is corrupt: sha256 {actual[:12]}... does not match the manifest's "
+            f"{sha256[:12]}...; delete its folder and rerun `circuitscale data`"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

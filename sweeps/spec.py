@@ -1,0 +1,95 @@
+"""The study spec: a sweep YAML's schema, and its expansion into validated trial configs.
+
+A study names a base experiment config (a YAML path relative to the study file), dotlist overrides
+applied to every trial, a grid of dotted keys whose cross product gives the trials, and extra points
+(dense baselines, say). Every trial's config is resolved and validated before any compute, so a bad
+grid value fails at once with the trial and key it belongs to.
+"""
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.config import ExperimentConfig, resolve_config
+from pipeline.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class StudyConfig:
+    name: str
+    base: str | None = None  # experiment YAML, relative to the study file
+    overrides: list[str] = field(default_factory=list)  # dotlist applied to every trial
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key -> values (cross product)
+    points: list[dict[str, Any]] = field(default_factory=list)  # extra trials: dotted key -> value
+    max_concurrent_trials: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    storage_path: str = "runs/studies"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    name: str
+    point: dict[str, Any]
+    config: ExperimentConfig
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, list[TrialSpec]]:
+    """Read a sweep YAML and expand it; `overrides` (dotlist) apply to every trial."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        study = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.create(raw)))
+    except yaml.YAMLError:
+        raise ConfigError(f"study file {path} is not valid YAML") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "")
+        raise ConfigError(f"{path}: {key}: {str(err).splitlines()[0]}") from None
+    _check_study(study, path)
+    base = (path.parent / study.base) if study.base else None
+    return study, expand_trials(study, base, list(study.overrides) + list(overrides or []))
+
+
+def expand_trials(study: StudyConfig, base: Path | None, overrides: list[str]) -> list[TrialSpec]:
+    keys = list(study.grid)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*study.grid.values())]
+    points += [dict(p) for p in study.points]
+    trials, names = [], set()
+    for index, point in enumerate(points):
+        name = trial_name(index, point)
+        try:
+            config = resolve_config(base, overrides, point=point)
+        except ConfigError as err:
+            raise ConfigError(f"study {study.name!r}, trial {name}: {err}") from None
+        assert name not in names
+        names.add(name)
+        trials.append(TrialSpec(name=name, point=point, config=config))
+    return trials
+
+
+def trial_name(index: int, point: Mapping[str, Any]) -> str:
+    """`003-d_model=128-density=0.0625`: sortable, readable, unique by its index."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items()]
+    return "-".join([f"{index:03d}", *parts])
+
+
+def _check_study(study: StudyConfig, path: Path) -> None:
+    if not study.name.strip():
+        raise ConfigError(f"{path}: name: must not be empty")
+    for key, values in study.grid.items():
+        if not values:
+            raise ConfigError(f"{path}: grid.{key}: must list at least one value")
+    if not study.grid and not study.points:
+        raise ConfigError(f"{path}: a study needs a grid or points")
+    if study.max_concurrent_trials < 1:
+        raise ConfigError(f"{path}: max_concurrent_trials: must be a positive integer")
+    if study.cpus_per_worker <= 0 or study.gpus_per_worker < 0:
+        raise ConfigError(f"{path}: cpus_per_worker must be > 0 and gpus_per_worker >= 0")

@@ -1,0 +1,132 @@
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from pipeline import data as data_stage
+from pipeline.corpus import collect_documents
+from pipeline.data import Dataset, build_data, split_documents
+from pipeline.errors import DataError
+from tests.conftest import copy_packages, small_config
+
+
+def test_build_writes_manifest_tokenizer_and_shards(small_dataset):
+    ds = small_dataset.dataset
+    m = ds.manifest
+    assert not small_dataset.reused
+    assert m["tokenizer"]["vocab_size"] == 512 and m["tokenizer"]["eot_id"] == 511
+    assert m["splits"]["train"]["tokens"] > 50_000 and m["splits"]["val"]["tokens"] > 0
+    assert sum(s["tokens"] for s in ds.shards("train")) == m["splits"]["train"]["tokens"]
+    assert len(ds.shards("train")) > 1  # shard_tokens=20000 cut the train split
+    tok = Tokenizer.from_file(str(ds.folder / "tokenizer.json"))
+    assert len(tok.encode("]]\n").ids) == 1
+
+
+def test_second_build_is_a_cache_hit(small_corpus, tmp_path):
+    cfg = small_config(small_corpus, tmp_path)
+    first = build_data(cfg.data, progress=False)
+    start = time.perf_counter()
+    second = build_data(cfg.data, progress=False)
+    assert second.reused and not first.reused
+    assert second.dataset.folder == first.dataset.folder
+    assert time.perf_counter() - start < 10
+    changed = build_data(small_config(small_corpus, tmp_path, "data.vocab_size=500").data, progress=False)
+    assert not changed.reused and changed.dataset.folder != first.dataset.folder
+
+
+def test_unusable_files_are_skipped_and_counted(tmp_path):
+    root = copy_packages(tmp_path / "src", ("json",))
+    (root / "binary.py").write_bytes(b"x = 1\x00\x01\x02")
+    (root / "latin1.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
+    (root / "empty.py").write_text("  \n\n")
+    (root / "copy.py").write_text((root / "json" / "decoder.py").read_text())
+    (root / "notes.txt").write_text("not python")
+    corpus = collect_documents([str(root)], exclude=[], text_column="text", progress=False)
+    assert corpus.skipped == {"binary": 1, "not_utf8": 1, "empty": 1, "duplicate": 1}
+    assert len(corpus.documents) == len(list((root / "json").glob("*.py")))
+
+
+def test_split_is_by_content_hash(small_corpus):
+    docs = collect_documents([str(small_corpus)], exclude=[], text_column="text", progress=False).documents
+    full = split_documents(docs, 0.2)
+    part = split_documents(docs[::2], 0.2)
+    val = {d.digest for d in full["val"]}
+    assert {d.digest for d in part["val"]} == val & {d.digest for d in docs[::2]}
+    assert 0.05 < len(full["val"]) / len(docs) < 0.4
+
+
+def test_exclude_and_glob_sources(small_corpus):
+    everything = collect_documents([str(small_corpus)], exclude=[], text_column="text", progress=False)
+    no_json = collect_documents([str(small_corpus)], exclude=["json/*"], text_column="text", progress=False)
+    globbed = collect_documents([f"{small_corpus}/json/*.py"], exclude=[], text_column="text", progress=False)
+    assert len(no_json.documents) + len(globbed.documents) == len(everything.documents)
+
+
+def test_parquet_arrow_and_uri_sources(small_corpus, tmp_path):
+    texts = [p.read_text() for p in sorted(small_corpus.rglob("*.py"))]
+    table = pa.table({"id": list(range(len(texts))), "content": texts + []})
+    pq.write_table(table, tmp_path / "code.parquet")
+    with pa.OSFile(str(tmp_path / "code.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    py = collect_documents([str(small_corpus)], exclude=[], text_column="text", progress=False)
+    for source in (str(tmp_path / "code.parquet"), str(tmp_path / "code.arrow"), f"file://{tmp_path}/code.parquet"):
+        got = collect_documents([source], exclude=[], text_column="content", progress=False)
+        assert [d.digest for d in got.documents] == [d.digest for d in py.documents], source
+
+
+@pytest.mark.parametrize("case", ["missing", "no_python", "bad_parquet", "no_column", "bad_uri"])
+def test_bad_sources_fail_before_writing(case, tmp_path):
+    cache = tmp_path / "cache"
+    if case == "missing":
+        source, fragment = str(tmp_path / "nowhere"), "does not exist"
+    elif case == "no_python":
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "README.md").write_text("# hi\n")
+        source, fragment = str(tmp_path / "docs"), "no Python files"
+    elif case == "bad_parquet":
+        (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+        source, fragment = str(tmp_path / "broken.parquet"), "cannot read dataset"
+    elif case == "no_column":
+        pq.write_table(pa.table({"body": ["x = 1\n"]}), tmp_path / "t.parquet")
+        source, fragment = str(tmp_path / "t.parquet"), "has no column 'text' (columns: body)"
+    else:
+        source, fragment = "nosuchscheme://bucket/data", "cannot open"
+    cfg = small_config(tmp_path, cache, f"data.sources=['{source}']")
+    with pytest.raises(DataError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        build_data(cfg.data, progress=False)
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_interrupted_build_leaves_nothing(small_corpus, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_stage, "write_shards", boom)
+    cfg = small_config(small_corpus, tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        build_data(cfg.data, progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_dataset_open_rejects_other_folders(tmp_path):
+    with pytest.raises(DataError, match="not a dataset folder"):
+        Dataset.open(tmp_path)
+
+
+@pytest.mark.slow
+def test_stdlib_corpus_learns_the_punctuation_tokens(tmp_path_factory):
+    """The default corpus (METHOD.md 8: ~31.5 MB, ~10.3M tokens at 3.04 bytes/token)."""
+    cfg = small_config("python:stdlib", tmp_path_factory.mktemp("stdlib"), "data.vocab_size=2048",
+                       "data.val_fraction=0.05")
+    result = build_data(cfg.data, progress=False)
+    m = result.dataset.manifest
+    tokens = sum(s["tokens"] for s in m["splits"].values())
+    assert 8e6 < tokens < 14e6
+    tok = result.dataset.tokenizer()
+    for text in ['("', "('", "]\n", "],", "]]\n"]:
+        assert len(tok.encode(text).ids) == 1, text
+    assert json.loads((result.dataset.folder / "manifest.json").read_text())["tokenizer"]["eot_id"] == 2047
+    assert build_data(cfg.data, progress=False).reused

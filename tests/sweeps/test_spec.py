@@ -1,0 +1,53 @@
+import pytest
+
+from pipeline.errors import ConfigError
+from sweeps.spec import load_study
+
+STUDY = """
+name: demo
+base: base.yaml
+overrides: [train.steps=5]
+grid:
+  model.d_model: [64, 128]
+  sparsity.density: [0.25, 0.0625]
+points:
+  - {model.d_model: 64, sparsity.density: 1.0}
+"""
+
+
+def write(tmp_path, text, base="model:\n  num_layers: 2\n"):
+    (tmp_path / "base.yaml").write_text(base)
+    (tmp_path / "study.yaml").write_text(text)
+    return tmp_path / "study.yaml"
+
+
+def test_grid_and_points_expand_to_validated_trials(tmp_path):
+    study, trials = load_study(write(tmp_path, STUDY), ["train.seed=3"])
+    assert study.name == "demo"
+    assert [t.name for t in trials] == [
+        "000-d_model=64-density=0.25", "001-d_model=64-density=0.0625",
+        "002-d_model=128-density=0.25", "003-d_model=128-density=0.0625", "004-d_model=64-density=1.0",
+    ]
+    for trial in trials:
+        assert trial.config.model.num_layers == 2  # from the base file
+        assert trial.config.train.steps == 5 and trial.config.train.seed == 3  # study and CLI overrides
+        assert trial.config.model.d_model == trial.point["model.d_model"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (
+            STUDY.replace("[64, 128]", "[64, 100]"),
+            "trial 002-d_model=100-density=0.25: model.d_model: must be divisible",
+        ),
+        (STUDY.replace("model.d_model:", "model.width:"), "model.width"),
+        (STUDY.replace("name: demo\n", ""), "name"),
+        ("name: x\n", "needs a grid or points"),
+        (STUDY.replace("[0.25, 0.0625]", "[]"), "grid.sparsity.density: must list at least one value"),
+    ],
+)
+def test_bad_studies_fail_before_compute(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, text))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
