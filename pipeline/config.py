@@ -17,7 +17,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from infra.engine import DeepSpeedConfig
 from infra.tracking import TrackingConfig, check_tracking_config
-from model.config import ModelConfig, SparsityConfig, check_model_config, check_sparsity_config
+from model.config import (
+    ModelConfig,
+    SparsityConfig,
+    check_model_config,
+    check_sparsity_config,
+    check_sparsity_fits,
+)
 from pipeline.data import DataConfig, check_data_config
 from pipeline.errors import ConfigError
 from pipeline.prune import PruneConfig, check_prune_config
@@ -74,6 +80,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
     try:
         for check, section in checks:
             check(section)
+        check_sparsity_fits(cfg.model, cfg.sparsity)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -1,9 +1,20 @@
-"""The training stage: the paper's recipe (METHOD.md section 3) over a sharded engine.
+"""The training stage: the paper's recipe (METHOD.md section 3).
 
-This module holds the settings of the training loop; the loop itself lands with the trial issue.
+Per optimizer step: forward/backward, global gradient-RMS normalization, Adam (eps 0.1, betas 0.9 /
+0.95), the top-k projection at the annealed density, then decoupled weight decay on the matrices.
+LR follows the sharkfin schedule. Every schedule is a pure function of the step, so a resumed run
+needs only the step number. The loop with evaluation and checkpoints lands with the trial issue.
 """
 
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import SparsityConfig
+from model.sparsity import SparseTensor, density_at, lr_at, project_
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -17,6 +28,12 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 0.1  # METHOD.md 3: Adam eps 0.1 for the sparse weights
     weight_decay: float = 0.1
+    # rescale: always divide the global gradient by its RMS (released code); clip: only when RMS > 1
+    # (the paper's wording); off: neither.
+    grad_rms: Literal["rescale", "clip", "off"] = "rescale"
+    # METHOD.md 8: with eps 0.1 and RMS normalization the dense bigram table barely trains; its own
+    # optimizer group with a small eps fixed that.
+    bigram_eps: float = 1e-8
     seed: int = 0
     eval_every: int = 100
 
@@ -31,7 +48,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value < 1:
             raise ValueError(f"train.{key}: must be a positive integer, got {value}")
-    for key in ("lr", "eps"):
+    for key in ("lr", "eps", "bigram_eps"):
         value = getattr(cfg, key)
         if value <= 0:
             raise ValueError(f"train.{key}: must be > 0, got {value}")
@@ -48,3 +65,88 @@ def check_train_config(cfg: TrainConfig) -> None:
 def check_trial_config(cfg: TrialConfig) -> None:
     if cfg.workers < 1:
         raise ValueError(f"trial.workers: must be a positive integer, got {cfg.workers}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    density: float  # matrix density now
+    embedding_density: float  # embedding (and sparse-bias) density now
+    lr: float
+
+
+def schedule_at(step: int, train: TrainConfig, sparsity: SparsityConfig) -> Schedule:
+    target = sparsity.density
+    embedding_target = sparsity.embedding_density if sparsity.embedding_density is not None else target
+    density = density_at(step, train.steps, target, sparsity)
+    return Schedule(
+        density=density,
+        embedding_density=density_at(step, train.steps, embedding_target, sparsity),
+        lr=lr_at(step, train.steps, train.lr, train.warmup_frac, density, target),
+    )
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Adam:
+    """Adam without built-in decay (decay is decoupled, after the projection); the bigram table
+    gets its own group with a small eps."""
+    bigram = [p for n, p in model.named_parameters() if n == "bigram_table"]
+    rest = [p for n, p in model.named_parameters() if n != "bigram_table"]
+    groups = [{"params": rest, "eps": train.eps}]
+    if bigram:
+        groups.append({"params": bigram, "eps": train.bigram_eps})
+    return torch.optim.Adam(groups, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=0.0)
+
+
+def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Decoupled decay applies to the weight matrices (embeddings included), not the bigram table."""
+    return [p for n, p in model.named_parameters() if p.dim() == 2 and n != "bigram_table"]
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on a (B, T + 1) window batch."""
+    logits = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def normalize_gradients_(params: list[nn.Parameter], mode: str) -> float:
+    """Scale the global gradient so its RMS is 1 (rescale) or at most 1 (clip); returns the RMS before."""
+    grads = [p.grad for p in params if p.grad is not None]
+    numel = sum(g.numel() for g in grads)
+    rms = torch.sqrt(sum((g.float() ** 2).sum() for g in grads) / max(numel, 1)).item()
+    if mode == "rescale":
+        scale = 1.0 / (rms + 1e-5)
+    elif mode == "clip":
+        scale = 1.0 / rms if rms > 1.0 else 1.0
+    else:
+        scale = 1.0
+    if scale != 1.0:
+        torch._foreach_mul_(grads, scale)
+    return rms
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: list[SparseTensor],
+    micro_batches: list[torch.Tensor],
+    step: int,
+    train: TrainConfig,
+    sparsity: SparsityConfig,
+) -> dict[str, float]:
+    """One optimizer step of the recipe over `micro_batches` (gradient accumulation)."""
+    schedule = schedule_at(step, train, sparsity)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        loss = lm_loss(model, batch) / len(micro_batches)
+        loss.backward()
+        total += loss.item()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_rms = normalize_gradients_(params, train.grad_rms)
+    for group in optimizer.param_groups:
+        group["lr"] = schedule.lr
+    optimizer.step()
+    project_(tensors, schedule.density, schedule.embedding_density, sparsity.neuron_floor)
+    with torch.no_grad():
+        torch._foreach_mul_(decayed_parameters(model), 1.0 - schedule.lr * train.weight_decay)
+    return {"loss": total, "lr": schedule.lr, "density": schedule.density, "grad_rms": grad_rms}

@@ -1,0 +1,165 @@
+"""A GPT-2-style decoder for weight-sparse training (METHOD.md section 2), read top to bottom.
+
+Leaf modules first, the root model last. Module names follow the paper's released layout
+(`transformer.h.{i}.attn.c_attn`, ...; FORMAT-paper-checkpoint.md) so export is a rename-free copy;
+hook points use the interpretability vocabulary. Sparsity of the weights is applied from outside
+(model/sparsity.py); activation sparsity (AbsTopK) and hooks live here because they are part of the
+forward pass.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig, d_mlp, num_heads
+from model.hooks import HookPoint
+
+
+class AbsTopK(nn.Module):
+    """Keep the k largest-magnitude values per token (last dim), zero the rest (METHOD.md 3).
+
+    The gradient flows only through kept entries (x * mask, mask without grad).
+    """
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = x.detach().abs().topk(self.k, dim=-1).indices
+        mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, index, True)
+        return x * mask
+
+
+def activation_sparsity(cfg: ModelConfig, location: str, dim: int) -> nn.Module:
+    if cfg.afrac >= 1.0 or location not in cfg.afrac_locations:
+        return nn.Identity()
+    return AbsTopK(max(1, math.ceil(cfg.afrac * dim)))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.d_head = num_heads(cfg), cfg.d_head
+        inner = self.n_head * self.d_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)  # rows: q, k, v; each head-major
+        self.c_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.sink_logit = nn.Parameter(torch.zeros(self.n_head)) if cfg.attention_sink else None
+        self.act_in = activation_sparsity(cfg, "attn_in", cfg.d_model)
+        self.act_q = activation_sparsity(cfg, "q", inner)
+        self.act_k = activation_sparsity(cfg, "k", inner)
+        self.act_v = activation_sparsity(cfg, "v", inner)
+        self.act_out = activation_sparsity(cfg, "attn_out", cfg.d_model)
+        self.hook_in, self.hook_q, self.hook_k = HookPoint(), HookPoint(), HookPoint()
+        self.hook_v, self.hook_out = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        x = self.hook_in(self.act_in(x))  # residual read (after ln_1)
+        q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=-1)
+        q = self.hook_q(self.act_q(q))
+        k = self.hook_k(self.act_k(k))
+        v = self.hook_v(self.act_v(v))
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = self._attend(q, k, v)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head)  # (B, T, nh*hs)
+        return self.hook_out(self.act_out(self.c_proj(y)))  # residual write
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.sink_logit is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        B, H, T, D = q.shape
+        zeros = q.new_zeros(B, H, 1, D)
+        k, v = torch.cat([zeros, k], dim=2), torch.cat([zeros, v], dim=2)  # (B, nh, 1+T, hs)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        bias = q.new_zeros(T, T).masked_fill(~causal, float("-inf"))  # (T, T)
+        sink = self.sink_logit.view(H, 1, 1).expand(H, T, 1)  # the sink slot's logit, per head
+        mask = torch.cat([sink, bias.expand(H, T, T)], dim=-1)  # (nh, T, 1+T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = d_mlp(cfg)
+        self.c_fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.act_in = activation_sparsity(cfg, "mlp_in", cfg.d_model)
+        self.act_neuron = activation_sparsity(cfg, "mlp_neuron", hidden)
+        self.act_out = activation_sparsity(cfg, "mlp_out", cfg.d_model)
+        self.hook_in, self.hook_post, self.hook_out = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_in(self.act_in(x))  # residual read (after ln_2)
+        h = self.hook_post(self.act_neuron(F.gelu(self.c_fc(x))))  # neurons
+        return self.hook_out(self.act_out(self.c_proj(h)))  # residual write
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(cfg.d_model)  # RMSNorm keeps zero privileged (METHOD.md 2)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.RMSNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.attn(self.ln_1(x)))
+        return self.hook_resid_post(x + self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(vocab_size, cfg.d_model),
+                "h": nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers)),
+                "ln_f": nn.RMSNorm(cfg.d_model),
+            }
+        )
+        if cfg.pos_embedding == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # untied (METHOD.md 2)
+        self.hook_embed, self.hook_resid_final = HookPoint(), HookPoint()
+        table = torch.zeros(vocab_size, vocab_size)  # row of the current token, added to the logits
+        if cfg.bigram_table == "learnable":
+            self.bigram_table = nn.Parameter(table)
+        elif cfg.bigram_table == "fixed":
+            self.register_buffer("bigram_table", table)  # filled from corpus counts by the pipeline
+        else:
+            self.bigram_table = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, std) weights, zero biases, residual writes scaled by 1/sqrt(2 x layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.num_layers))
+            elif p.dim() == 2 and name != "bigram_table":
+                nn.init.normal_(p, std=std)
+            elif name.endswith(".bias") or name.endswith("sink_logit") or name == "bigram_table":
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab)."""
+        T = idx.shape[1]
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds model.context_length={self.cfg.context_length}")
+        x = self.transformer["wte"](idx)  # (B, T, d)
+        if "wpe" in self.transformer:
+            x = x + self.transformer["wpe"](torch.arange(T, device=idx.device))
+        x = self.hook_embed(x)  # the embedding's residual write
+        for block in self.transformer["h"]:
+            x = block(x)
+        x = self.hook_resid_final(self.transformer["ln_f"](x))  # the unembedding's read
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if self.bigram_table is not None:
+            logits = logits + self.bigram_table[idx]
+        return logits
