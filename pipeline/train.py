@@ -6,6 +6,8 @@ LR follows the sharkfin schedule. Every schedule is a pure function of the step,
 needs only the step number. The loop with evaluation and checkpoints lands with the trial issue.
 """
 
+import itertools
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -133,20 +135,41 @@ def train_step(
     train: TrainConfig,
     sparsity: SparsityConfig,
 ) -> dict[str, float]:
-    """One optimizer step of the recipe over `micro_batches` (gradient accumulation)."""
+    """One optimizer step of the recipe over `micro_batches` (gradient accumulation).
+
+    Returns loss, lr, density, the gradient RMS before normalization, and seconds per phase.
+    """
     schedule = schedule_at(step, train, sparsity)
+    clock = [time.perf_counter()]
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for batch in micro_batches:
         loss = lm_loss(model, batch) / len(micro_batches)
         loss.backward()
         total += loss.item()
+    clock.append(time.perf_counter())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_rms = normalize_gradients_(params, train.grad_rms)
     for group in optimizer.param_groups:
         group["lr"] = schedule.lr
     optimizer.step()
+    clock.append(time.perf_counter())
     project_(tensors, schedule.density, schedule.embedding_density, sparsity.neuron_floor)
+    clock.append(time.perf_counter())
     with torch.no_grad():
         torch._foreach_mul_(decayed_parameters(model), 1.0 - schedule.lr * train.weight_decay)
-    return {"loss": total, "lr": schedule.lr, "density": schedule.density, "grad_rms": grad_rms}
+    clock.append(time.perf_counter())
+    seconds = [b - a for a, b in itertools.pairwise(clock)]
+    phases = dict(zip(("fwd_bwd_s", "optim_s", "project_s", "decay_s"), seconds, strict=True))
+    return {"loss": total, "lr": schedule.lr, "density": schedule.density, "grad_rms": grad_rms} | phases
+
+
+@torch.no_grad()
+def bigram_log_probs(tokens: torch.Tensor, vocab_size: int, smoothing: float = 0.1) -> torch.Tensor:
+    """Count-based next-token log-probabilities (vocab, vocab), add-`smoothing`: the content of a
+    fixed bigram table (`model.bigram_table=fixed`), computed from training tokens."""
+    flat = tokens.reshape(-1).long()
+    pairs = flat[:-1] * vocab_size + flat[1:]
+    counts = torch.bincount(pairs, minlength=vocab_size * vocab_size).view(vocab_size, vocab_size).double()
+    counts += smoothing
+    return (counts / counts.sum(dim=1, keepdim=True)).log().float()

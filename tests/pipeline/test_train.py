@@ -94,3 +94,16 @@ def test_density_below_the_floor_is_a_config_error():
         resolve_config(None, ["model.d_model=64", "sparsity.density=0.01"])
     resolve_config(None, ["model.d_model=64", "sparsity.density=0.0625"])
     resolve_config(None, ["model.d_model=64", "sparsity.density=0.01", "sparsity.neuron_floor=0"])
+
+
+def test_fixed_bigram_table_from_counts():
+    from pipeline.train import bigram_log_probs
+
+    tokens = torch.tensor([0, 1, 0, 1, 0, 2, 2, 2])
+    table = bigram_log_probs(tokens, 3, smoothing=0.0)
+    torch.testing.assert_close(table.exp().sum(dim=1)[:3], torch.ones(3))
+    assert table[0, 1].exp() == pytest.approx(2 / 3) and table[2, 2].exp() == pytest.approx(1.0)
+    model = GPT(ModelConfig(d_model=32, num_layers=1, d_head=8, context_length=8, bigram_table="fixed"), 3)
+    assert "bigram_table" not in dict(model.named_parameters())
+    model.bigram_table.copy_(bigram_log_probs(tokens, 3))
+    assert "bigram_table" in model.state_dict()
