@@ -1,16 +1,19 @@
-"""One training step of the recipe (forward, backward, optimizer, top-k projection, decay), dense vs
-sparse, side by side in one run: the baseline the kernels issue must beat.
+"""One training step of the recipe (forward, backward, fused sparse Adam: update, top-k projection,
+decay), dense vs sparse, side by side in one run.
 
 Shapes: the `cpu` preset (4 layers, d_model 128, batch 32 x 128 tokens) and d_model 1024 (2 layers,
-batch 8 x 128 tokens, to keep a CPU step at seconds). Densities 1, 1/4, 1/16, 1/64 (a density below
-the per-neuron floor, j / d_model, is skipped and said so). Prints medians over `--repeats` steps and
-a final JSON line with `step_ratio_1_16`, `step_ratio_1_64` (sparse / dense at d_model 1024) and
-`topk_share` (share of the density-1/64 step spent in the projection at d_model 1024).
+batch 8 x 128 tokens, to keep a CPU step at about a second). Densities 1, 1/4, 1/16, 1/64 (a density
+below the per-neuron floor, j / d_model, is skipped and said so). Each shape runs with the dispatched
+kernels (`--kernels`, default auto) and, at d_model 1024, with the plain-torch reference kernels too
+(the before/after of the kernels issue). Prints medians over `--repeats` steps and a final JSON line
+with `step_ratio_1_16`, `step_ratio_1_64` (sparse / dense at d_model 1024) and `topk_share` (share of
+the density-1/64 step spent selecting top-k masks at d_model 1024), for the dispatched kernels.
 
-    .venv/bin/python benchmarks/step.py [--repeats 5]
+    .venv/bin/python benchmarks/step.py [--repeats 5] [--kernels auto|cpu|reference|triton]
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -26,6 +29,7 @@ from pipeline.train import TrainConfig, build_optimizer, train_step
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
 DENSITIES = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/64": 1 / 64}
 VOCAB = 2048
+PHASES = ("fwd_bwd_s", "optim_s")
 
 
 def shapes() -> dict[str, tuple]:
@@ -34,50 +38,56 @@ def shapes() -> dict[str, tuple]:
     return {"cpu preset": (cpu.model, cpu.train.batch_size), "d_model 1024": (wide.model, wide.train.batch_size)}
 
 
-def time_steps(model_cfg, batch_size: int, density: float, repeats: int) -> dict[str, float]:
+def time_steps(model_cfg, batch_size: int, density: float, repeats: int, device: str) -> dict[str, float]:
     torch.manual_seed(0)
-    model = GPT(model_cfg, VOCAB)
+    model = GPT(model_cfg, VOCAB, device=device)
     sparsity = SparsityConfig(density=density)
     train = TrainConfig(steps=1000)
-    optimizer, tensors = build_optimizer(model, train), sparse_tensors(model, sparsity)
-    batch = torch.randint(0, VOCAB, (batch_size, model_cfg.context_length + 1))
+    tensors = sparse_tensors(model, sparsity)
+    optimizer = build_optimizer(model, tensors, train, sparsity)
+    batch = torch.randint(0, VOCAB, (batch_size, model_cfg.context_length + 1), device=device)
     step = int(0.6 * train.steps)  # past the anneal: the projection runs at the target density
     for _ in range(2):  # warm-up: allocator, Adam state, thread pools
         train_step(model, optimizer, tensors, [batch], step, train, sparsity)
     runs = [train_step(model, optimizer, tensors, [batch], step + i, train, sparsity) for i in range(repeats)]
-    phases = ("fwd_bwd_s", "optim_s", "project_s", "decay_s")
-    result = {p: statistics.median(r[p] for r in runs) for p in phases}
-    result["step_s"] = statistics.median(sum(r[p] for p in phases) for r in runs)
+    result = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_s")}
+    result["step_s"] = statistics.median(sum(r[p] for p in PHASES) for r in runs)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference", "triton"])
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats} steps")
-    table: dict[tuple[str, str], dict] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; medians of {args.repeats} steps")
+    table: dict[tuple[str, str, str], dict] = {}
     for shape, (model_cfg, batch_size) in shapes().items():
+        backends = [args.kernels] + (["reference"] if shape == "d_model 1024" and args.kernels != "reference" else [])
         floor_min = min_density(model_cfg, SparsityConfig())
-        dense = None
-        for label, density in DENSITIES.items():
-            if density < 1.0 and density < floor_min:
-                print(f"{shape:13s} density {label:5s}: skipped, below the per-neuron floor "
-                      f"(j / d_model = {floor_min:g})")
-                continue
-            r = time_steps(model_cfg, batch_size, density, args.repeats)
-            dense = dense or r["step_s"]
-            table[(shape, label)] = r
-            print(f"{shape:13s} density {label:5s}: step {r['step_s'] * 1e3:8.1f} ms  ratio to dense "
-                  f"{r['step_s'] / dense:5.2f}  fwd+bwd {r['fwd_bwd_s'] * 1e3:7.1f}  optim {r['optim_s'] * 1e3:6.1f}  "
-                  f"top-k {r['project_s'] * 1e3:7.1f} ms ({r['project_s'] / r['step_s']:5.1%})")
-    wide = "d_model 1024"
-    dense = table[(wide, "1")]["step_s"]
-    sparse64 = table[(wide, "1/64")]
+        for backend in backends:
+            cfg = dataclasses.replace(model_cfg, kernels=backend)
+            dense = None
+            for label, density in DENSITIES.items():
+                if density < 1.0 and density < floor_min:
+                    print(f"{shape:13s} {backend:9s} density {label:5s}: skipped, below the per-neuron floor "
+                          f"(j / d_model = {floor_min:g})")
+                    continue
+                r = time_steps(cfg, batch_size, density, args.repeats, device)
+                dense = dense or r["step_s"]
+                table[(shape, backend, label)] = r
+                print(f"{shape:13s} {backend:9s} density {label:5s}: step {r['step_s'] * 1e3:8.1f} ms  ratio "
+                      f"{r['step_s'] / dense:5.2f}  fwd+bwd {r['fwd_bwd_s'] * 1e3:7.1f}  adam {r['adam_s'] * 1e3:6.1f}"
+                      f"  top-k {r['topk_s'] * 1e3:7.1f} ({r['topk_s'] / r['step_s']:5.1%})  "
+                      f"mask+decay {r['mask_decay_s'] * 1e3:5.1f} ms")
+    wide = ("d_model 1024", args.kernels)
+    dense = table[(*wide, "1")]["step_s"]
+    sparse64 = table[(*wide, "1/64")]
     print(json.dumps({
-        "step_ratio_1_16": round(table[(wide, "1/16")]["step_s"] / dense, 3),
+        "step_ratio_1_16": round(table[(*wide, "1/16")]["step_s"] / dense, 3),
         "step_ratio_1_64": round(sparse64["step_s"] / dense, 3),
-        "topk_share": round(sparse64["project_s"] / sparse64["step_s"], 3),
+        "topk_share": round(sparse64["topk_s"] / sparse64["step_s"], 3),
     }))
 
 

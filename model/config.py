@@ -30,6 +30,8 @@ class ModelConfig:
     afrac: float = 1.0
     afrac_locations: list[NodeLocation] = field(default_factory=lambda: list(NODE_LOCATIONS))
     init_std: float = 0.02
+    # Kernel set (kernels/dispatch.py): auto = triton on CUDA, cpu otherwise; reference = plain torch.
+    kernels: Literal["auto", "triton", "cpu", "reference"] = "auto"
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -13,8 +13,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import Kernels, select_kernels
+from kernels.sparse_inference import compress
 from model.config import ModelConfig, d_mlp, num_heads
 from model.hooks import HookPoint
+
+
+class SparseLinear(nn.Linear):
+    """nn.Linear whose forward is the dispatched masked linear x @ (W*M)^T + b.
+
+    `mask` is set by the projection (None while dense). `compress_()` switches the module to the
+    forward-only CSR path for evaluation and pruning; `decompress_()` switches back. The choice is a
+    bound function set once, never a branch in `forward`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, kernels: Kernels) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.kernels = kernels
+        self.register_buffer("mask", None, persistent=False)
+        self._csr: torch.Tensor | None = None
+        self._impl = self._masked_forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._impl(x)
+
+    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(x, self.weight, self.mask, self.bias)
+
+    def _compressed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.sparse_linear(x, self._csr, self.bias)
+
+    def compress_(self) -> None:
+        self._csr = compress(self.weight, self.mask)
+        self._impl = self._compressed_forward
+
+    def decompress_(self) -> None:
+        self._csr, self._impl = None, self._masked_forward
 
 
 class AbsTopK(nn.Module):
@@ -40,12 +74,13 @@ def activation_sparsity(cfg: ModelConfig, location: str, dim: int) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
         self.n_head, self.d_head = num_heads(cfg), cfg.d_head
         inner = self.n_head * self.d_head
-        self.c_attn = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)  # rows: q, k, v; each head-major
-        self.c_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        # rows of c_attn: q, k, v; each head-major
+        self.c_attn = SparseLinear(cfg.d_model, 3 * inner, bias=cfg.bias, kernels=kernels)
+        self.c_proj = SparseLinear(inner, cfg.d_model, bias=cfg.bias, kernels=kernels)
         self.sink_logit = nn.Parameter(torch.zeros(self.n_head)) if cfg.attention_sink else None
         self.act_in = activation_sparsity(cfg, "attn_in", cfg.d_model)
         self.act_q = activation_sparsity(cfg, "q", inner)
@@ -81,11 +116,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
         hidden = d_mlp(cfg)
-        self.c_fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.c_fc = SparseLinear(cfg.d_model, hidden, bias=cfg.bias, kernels=kernels)
+        self.c_proj = SparseLinear(hidden, cfg.d_model, bias=cfg.bias, kernels=kernels)
         self.act_in = activation_sparsity(cfg, "mlp_in", cfg.d_model)
         self.act_neuron = activation_sparsity(cfg, "mlp_neuron", hidden)
         self.act_out = activation_sparsity(cfg, "mlp_out", cfg.d_model)
@@ -98,12 +133,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
         self.ln_1 = nn.RMSNorm(cfg.d_model)  # RMSNorm keeps zero privileged (METHOD.md 2)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, kernels)
         self.ln_2 = nn.RMSNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, kernels)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,19 +148,23 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    """The root model. `device` picks the kernel set with `cfg.kernels` (kernels/dispatch.py); build the
+    model for the device it will run on."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
+        self.kernels = kernels = select_kernels(device, cfg.kernels)
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(vocab_size, cfg.d_model),
-                "h": nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers)),
+                "h": nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.num_layers)),
                 "ln_f": nn.RMSNorm(cfg.d_model),
             }
         )
         if cfg.pos_embedding == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.context_length, cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)  # untied (METHOD.md 2)
+        self.lm_head = SparseLinear(cfg.d_model, vocab_size, bias=False, kernels=kernels)  # untied (METHOD.md 2)
         self.hook_embed, self.hook_resid_final = HookPoint(), HookPoint()
         table = torch.zeros(vocab_size, vocab_size)  # row of the current token, added to the logits
         if cfg.bigram_table == "learnable":
@@ -135,6 +174,19 @@ class GPT(nn.Module):
         else:
             self.bigram_table = None
         self.reset_parameters()
+        self.to(device)
+
+    def sparse_linears(self) -> list[SparseLinear]:
+        return [m for m in self.modules() if isinstance(m, SparseLinear)]
+
+    def compress_(self) -> None:
+        """Forward-only CSR weights in every linear (evaluation, scoring, pruning at density <= 1/16)."""
+        for module in self.sparse_linears():
+            module.compress_()
+
+    def decompress_(self) -> None:
+        for module in self.sparse_linears():
+            module.decompress_()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, std) weights, zero biases, residual writes scaled by 1/sqrt(2 x layers)."""

@@ -2,15 +2,17 @@
 projection with the per-neuron floor, and the L0-anneal and sharkfin-LR schedules.
 
 When the projection runs (after every optimizer step) is the training loop's business
-(pipeline/recipe.py); this module only knows how.
+(pipeline/train.py); this module only knows how. The masks themselves come from kernels/topk.py.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from kernels.topk import keep_count, topk_mask_reference
 from model.config import SparsityConfig
 
 # The four floored projections (METHOD.md 3) and the dim along which each neuron's floor is taken:
@@ -26,6 +28,7 @@ class SparseTensor:
     param: nn.Parameter
     group: str  # "matrix" | "embedding" | "bias": which density applies
     floor_dim: int | None  # dim along which each neuron keeps its floor, None = no floor
+    module: nn.Module | None = None  # the linear whose forward applies this weight's mask
 
 
 def sparse_tensors(model: nn.Module, cfg: SparsityConfig) -> list[SparseTensor]:
@@ -33,35 +36,16 @@ def sparse_tensors(model: nn.Module, cfg: SparsityConfig) -> list[SparseTensor]:
     `cfg.sparse_biases`. Norm gains, attention sinks and the bigram table stay dense."""
     found = []
     for name, param in model.named_parameters():
+        module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+        masked = module if hasattr(module, "mask") else None
         suffix = next((s for s in FLOOR_DIMS if name.endswith(s)), None)
         if suffix is not None:
-            found.append(SparseTensor(name, param, "matrix", FLOOR_DIMS[suffix]))
+            found.append(SparseTensor(name, param, "matrix", FLOOR_DIMS[suffix], masked))
         elif name in EMBEDDINGS:
-            found.append(SparseTensor(name, param, "embedding", None))
+            found.append(SparseTensor(name, param, "embedding", None, masked))
         elif name.endswith(".bias") and cfg.sparse_biases:
             found.append(SparseTensor(name, param, "bias", None))
     return found
-
-
-def keep_count(numel: int, density: float) -> int:
-    """Entries kept at `density`: round(density x numel), at least 1."""
-    return min(numel, max(1, round(density * numel)))
-
-
-def topk_mask(weight: torch.Tensor, k: int, *, floor: int = 0, floor_dim: int | None = None) -> torch.Tensor:
-    """Boolean mask of the k largest |weight| entries, after each neuron first keeps its `floor`
-    largest along `floor_dim`. Ties are broken by torch.topk, so exactly k entries are kept."""
-    magnitude = weight.detach().abs()
-    mask = torch.zeros_like(magnitude, dtype=torch.bool)
-    if floor and floor_dim is not None:
-        floor = min(floor, magnitude.shape[floor_dim])
-        mask.scatter_(floor_dim, magnitude.topk(floor, dim=floor_dim).indices, True)
-    remaining = k - int(mask.sum())
-    assert remaining >= 0, "the floor does not fit in k; config validation should have caught this"
-    if remaining:
-        scores = magnitude.masked_fill(mask, -1.0).flatten()
-        mask.view(-1)[scores.topk(remaining).indices] = True
-    return mask
 
 
 def density_for(tensor: SparseTensor, matrix_density: float, embedding_density: float) -> float:
@@ -69,14 +53,25 @@ def density_for(tensor: SparseTensor, matrix_density: float, embedding_density: 
 
 
 @torch.no_grad()
-def project_(tensors: list[SparseTensor], matrix_density: float, embedding_density: float, floor: int) -> None:
-    """Zero all but the top-k entries of every sparse tensor, in place (dense tensors untouched)."""
+def project_(
+    tensors: list[SparseTensor], matrix_density: float, embedding_density: float, floor: int,
+    topk_mask: Callable = topk_mask_reference,
+) -> None:
+    """Zero all but the top-k entries of every sparse tensor, in place (dense tensors untouched), and
+    hand each mask to the module that uses it in its forward. The training path does the same inside
+    the fused optimizer step (kernels/optimizer.py); this is its reference sequence."""
     for t in tensors:
         density = density_for(t, matrix_density, embedding_density)
         if density >= 1.0:
             continue
         mask = topk_mask(t.param, keep_count(t.param.numel(), density), floor=floor, floor_dim=t.floor_dim)
         t.param.mul_(mask)
+        attach_mask(t, mask)
+
+
+def attach_mask(tensor: SparseTensor, mask: torch.Tensor) -> None:
+    if tensor.module is not None and tensor.name.endswith(".weight"):
+        tensor.module.mask = mask
 
 
 def anneal_progress(step: int, total_steps: int, cfg: SparsityConfig) -> float:

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.optimizer import SparseAdam, SparseSpec
 from model.config import SparsityConfig
-from model.sparsity import SparseTensor, density_at, lr_at, project_
+from model.sparsity import SparseTensor, attach_mask, density_at, lr_at
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -87,20 +88,23 @@ def schedule_at(step: int, train: TrainConfig, sparsity: SparsityConfig) -> Sche
     )
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Adam:
-    """Adam without built-in decay (decay is decoupled, after the projection); the bigram table
-    gets its own group with a small eps."""
+def build_optimizer(
+    model: nn.Module, tensors: list[SparseTensor], train: TrainConfig, sparsity: SparsityConfig
+) -> SparseAdam:
+    """The fused sparse Adam over every parameter, with the model's kernels. Decay is decoupled and
+    applied after the projection to weight matrices (embeddings included), never the bigram table;
+    the bigram table gets its own group with a small eps (METHOD.md 8)."""
     bigram = [p for n, p in model.named_parameters() if n == "bigram_table"]
     rest = [p for n, p in model.named_parameters() if n != "bigram_table"]
-    groups = [{"params": rest, "eps": train.eps}]
+    groups = [{"params": rest, "eps": train.eps, "lr": train.lr}]
     if bigram:
-        groups.append({"params": bigram, "eps": train.bigram_eps})
-    return torch.optim.Adam(groups, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=0.0)
-
-
-def decayed_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Decoupled decay applies to the weight matrices (embeddings included), not the bigram table."""
-    return [p for n, p in model.named_parameters() if p.dim() == 2 and n != "bigram_table"]
+        groups.append({"params": bigram, "eps": train.bigram_eps, "lr": train.lr})
+    specs = {t.param: SparseSpec(t.group, t.floor_dim, decay=t.param.dim() == 2) for t in tensors}
+    for name, p in model.named_parameters():  # dense matrices (e.g. the dense baseline's) still decay
+        if p.dim() == 2 and name != "bigram_table" and p not in specs:
+            specs[p] = SparseSpec("matrix", None, decay=True)
+    return SparseAdam(groups, specs, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
+                      floor=sparsity.neuron_floor, kernels=model.kernels)
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,7 @@ def normalize_gradients_(params: list[nn.Parameter], mode: str) -> float:
 
 def train_step(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: SparseAdam,
     tensors: list[SparseTensor],
     micro_batches: list[torch.Tensor],
     step: int,
@@ -152,15 +156,15 @@ def train_step(
     grad_rms = normalize_gradients_(params, train.grad_rms)
     for group in optimizer.param_groups:
         group["lr"] = schedule.lr
-    optimizer.step()
+    optimizer.densities = {"matrix": schedule.density, "embedding": schedule.embedding_density,
+                           "bias": schedule.embedding_density}
+    optimizer.step()  # Adam, then top-k projection and decoupled decay (kernels/optimizer.py)
     clock.append(time.perf_counter())
-    project_(tensors, schedule.density, schedule.embedding_density, sparsity.neuron_floor)
-    clock.append(time.perf_counter())
-    with torch.no_grad():
-        torch._foreach_mul_(decayed_parameters(model), 1.0 - schedule.lr * train.weight_decay)
-    clock.append(time.perf_counter())
+    for t in tensors:
+        if t.param in optimizer.masks:
+            attach_mask(t, optimizer.masks[t.param])
     seconds = [b - a for a, b in itertools.pairwise(clock)]
-    phases = dict(zip(("fwd_bwd_s", "optim_s", "project_s", "decay_s"), seconds, strict=True))
+    phases = dict(zip(("fwd_bwd_s", "optim_s"), seconds, strict=True)) | optimizer.timings
     return {"loss": total, "lr": schedule.lr, "density": schedule.density, "grad_rms": grad_rms} | phases
 
 

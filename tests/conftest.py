@@ -1,13 +1,19 @@
 """Shared fixtures: small real-code corpora copied from the running interpreter's standard library."""
 
+import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import ExperimentConfig, resolve_config
 from pipeline.data import DataResult, build_data
+
+if not torch.cuda.is_available():
+    # Triton kernels are checked on CPU by its interpreter; this must precede any import of triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL_PACKAGES = ("json", "html", "urllib", "http")  # about 0.5 MB of real Python

@@ -3,39 +3,10 @@ import math
 import pytest
 import torch
 
+from kernels.topk import keep_count
 from model.config import ModelConfig, SparsityConfig
 from model.gpt import GPT
-from model.sparsity import density_at, keep_count, lr_at, project_, sparse_tensors, topk_mask
-
-
-def test_topk_mask_matches_torch_topk_without_floor():
-    w = torch.randn(40, 30)
-    mask = topk_mask(w, 100)
-    expected = torch.zeros(1200, dtype=torch.bool)
-    expected[w.abs().flatten().topk(100).indices] = True
-    assert torch.equal(mask.flatten(), expected)
-
-
-@pytest.mark.parametrize("floor_dim", [0, 1])
-def test_floor_keeps_each_neurons_largest(floor_dim):
-    torch.manual_seed(0)
-    w = torch.randn(16, 24)
-    w[3] *= 1e-3  # a weak neuron that the global top-k alone would drop
-    w[:, 5] *= 1e-3
-    mask = topk_mask(w, 120, floor=4, floor_dim=floor_dim)
-    assert int(mask.sum()) == 120
-    assert (mask.sum(dim=floor_dim) >= 4).all()
-    top = w.abs().topk(4, dim=floor_dim).indices
-    assert mask.gather(floor_dim, top).all()
-
-
-def test_exact_count_with_ties_and_zeros():
-    w = torch.zeros(10, 10)
-    w[0, :3] = 1.0
-    mask = topk_mask(w, 17, floor=1, floor_dim=1)
-    assert int(mask.sum()) == 17
-    w = torch.ones(8, 8)
-    assert int(topk_mask(w, 21, floor=2, floor_dim=0).sum()) == 21
+from model.sparsity import density_at, lr_at, project_, sparse_tensors
 
 
 def test_sparse_tensors_and_projection():
@@ -50,6 +21,7 @@ def test_sparse_tensors_and_projection():
     with_bias = sparse_tensors(model, SparsityConfig(sparse_biases=True))
     assert any(t.name.endswith(".bias") for t in with_bias)
     project_(tensors, 1 / 16, 1 / 8, floor=4)
+    assert all(t.module.mask is not None for t in tensors if t.name.endswith("c_fc.weight"))
     for t in tensors:
         density = 1 / 16 if t.group == "matrix" else 1 / 8
         assert int((t.param != 0).sum()) == keep_count(t.param.numel(), density), t.name

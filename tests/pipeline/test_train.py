@@ -17,8 +17,8 @@ def run(steps: int, density: float, *, seed: int = 0, batches=None, lr: float = 
     model = GPT(MODEL, VOCAB)
     sparsity = SparsityConfig(density=density, anneal_start=0.0, anneal_end=0.5)
     train = TrainConfig(steps=steps, lr=lr, **train_kw)
-    optimizer = build_optimizer(model, train)
     tensors = sparse_tensors(model, sparsity)
+    optimizer = build_optimizer(model, tensors, train, sparsity)
     gen = torch.Generator().manual_seed(seed)
     history = []
     for step in range(steps):
@@ -75,7 +75,7 @@ def test_gradient_rms_modes():
 
 def test_bigram_table_gets_its_own_eps():
     model = GPT(MODEL, VOCAB)
-    optimizer = build_optimizer(model, TrainConfig())
+    optimizer = build_optimizer(model, sparse_tensors(model, SparsityConfig()), TrainConfig(), SparsityConfig())
     eps = sorted(g["eps"] for g in optimizer.param_groups)
     assert eps == [1e-8, 0.1]
 

@@ -1,0 +1,51 @@
+"""One dispatch: the kernel set is chosen once, from the device and a config value, and handed to the
+model and optimizer; `forward` never branches on it.
+
+- triton: Triton kernels (masked linear, Adam, mask-and-decay) with the threshold top-k; CUDA only.
+- cpu: the CPU paths (masked-linear autograd function, foreach Adam, threshold top-k).
+- reference: the plain-torch twins every fast path is tested against.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kernels.masked_linear import masked_linear_cpu, masked_linear_reference
+from kernels.optimizer import adam_update_foreach, adam_update_reference, mask_decay_reference
+from kernels.sparse_inference import sparse_linear
+from kernels.topk import threshold_topk_mask, topk_mask_reference
+
+Backend = Literal["auto", "triton", "cpu", "reference"]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str
+    linear: Callable  # (x, weight, mask | None, bias | None) -> y, dense weight gradient
+    topk_mask: Callable  # (weight, k, *, floor, floor_dim) -> bool mask with exactly k entries
+    adam_update: Callable  # (params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps)
+    mask_decay: Callable  # (param, mask | None, factor) -> None, in place
+    sparse_linear: Callable  # (x, csr weight, bias | None) -> y, forward-only weights
+
+
+def select_kernels(device: torch.device | str, backend: Backend = "auto") -> Kernels:
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"model.kernels: triton needs a CUDA device, got {device}; use cpu or auto")
+        from kernels.triton_linear import masked_linear_triton
+        from kernels.triton_optimizer import adam_update_triton, mask_decay_triton
+
+        return Kernels("triton", masked_linear_triton, threshold_topk_mask, adam_update_triton, mask_decay_triton,
+                       sparse_linear)
+    if backend == "cpu":
+        return Kernels("cpu", masked_linear_cpu, threshold_topk_mask, adam_update_foreach, mask_decay_reference,
+                       sparse_linear)
+    if backend == "reference":
+        return Kernels("reference", masked_linear_reference, topk_mask_reference, adam_update_reference,
+                       mask_decay_reference, sparse_linear)
+    raise ValueError(f"model.kernels: unknown backend {backend!r}")
