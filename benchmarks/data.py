@@ -11,15 +11,19 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from pipeline.config import resolve_config
-from pipeline.corpus import collect_documents
-from pipeline.data import build_data, split_documents
-from pipeline.loader import TokenLoader
-from pipeline.shards import encode_documents, token_dtype
-from pipeline.tokenizer import eot_id
+# This folder holds kernels.py: run as a script, it would shadow the `kernels` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from pipeline.config import resolve_config  # noqa: E402
+from pipeline.corpus import collect_documents  # noqa: E402
+from pipeline.data import build_data, split_documents  # noqa: E402
+from pipeline.loader import TokenLoader  # noqa: E402
+from pipeline.shards import encode_documents, token_dtype  # noqa: E402
+from pipeline.tokenizer import eot_id  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
 # METHOD.md 8: the fastest measured CPU training run (2L d64, dense) processes ~31k tokens/s.

@@ -16,15 +16,19 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 from pathlib import Path
 
-import torch
+# This folder holds kernels.py: run as a script, it would shadow the `kernels` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from model.config import SparsityConfig, min_density
-from model.gpt import GPT
-from model.sparsity import sparse_tensors
-from pipeline.config import resolve_config
-from pipeline.train import TrainConfig, build_optimizer, train_step
+import torch  # noqa: E402
+
+from model.config import SparsityConfig, min_density  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.sparsity import sparse_tensors  # noqa: E402
+from pipeline.config import resolve_config  # noqa: E402
+from pipeline.train import TrainConfig, build_optimizer, train_step  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
 DENSITIES = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/64": 1 / 64}

@@ -18,10 +18,19 @@ def compress(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return dense.to_sparse_csr()
 
 
-def sparse_linear(x: torch.Tensor, csr: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) @ W^T + b with W in CSR (out, in); differentiable in x."""
+def sparse_linear(
+    x: torch.Tensor, csr: torch.Tensor, bias: torch.Tensor | None, contiguous: bool = True
+) -> torch.Tensor:
+    """x (..., in) @ W^T + b with W in CSR (out, in); differentiable in x.
+
+    The product is computed as W @ x^T, so the result is naturally feature-major. With
+    `contiguous=False` it is returned as a transposed view (no copy): elementwise ops and a following
+    sparse_linear take it as it is. Pass True where a consumer needs a unit last stride (attention).
+    """
     flat = x.reshape(-1, x.shape[-1])
-    out = csr.shape[0]
-    base = bias.detach()[:, None] if bias is not None else flat.new_zeros(out, 1)
-    y = torch.sparse.addmm(base.expand(out, flat.shape[0]), csr, flat.t())  # (out, tokens)
-    return y.t().reshape(*x.shape[:-1], out)
+    if bias is not None:
+        y = torch.sparse.addmm(bias.detach()[:, None], csr, flat.t())  # (out, tokens), bias broadcast
+    else:
+        y = csr @ flat.t()
+    y = y.t()  # (tokens, out) view
+    return (y.contiguous() if contiguous else y).unflatten(0, x.shape[:-1])

@@ -64,7 +64,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     high = (bits >> _HIGH_SHIFT).clamp_min_(0)  # excluded (-1.0) entries fall into bucket 0
     counts = torch.bincount(high, minlength=1 << (31 - _HIGH_SHIFT))
     from_top = counts.flip(0).cumsum(0)
-    bucket_from_top = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    bucket_from_top = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype, device=values.device)))
     bucket = counts.numel() - 1 - bucket_from_top
     above = int(from_top[bucket_from_top - 1]) if bucket_from_top > 0 else 0
     candidates = values[high == bucket]

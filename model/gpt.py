@@ -41,10 +41,11 @@ class SparseLinear(nn.Linear):
         return self.kernels.linear(x, self.weight, self.mask, self.bias)
 
     def _compressed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.sparse_linear(x, self._csr, self.bias)
+        return self.kernels.sparse_linear(x, self._csr, self.bias, self._contiguous_out)
 
-    def compress_(self) -> None:
+    def compress_(self, contiguous_out: bool = True) -> None:
         self._csr = compress(self.weight, self.mask)
+        self._contiguous_out = contiguous_out
         self._impl = self._compressed_forward
 
     def decompress_(self) -> None:
@@ -180,9 +181,13 @@ class GPT(nn.Module):
         return [m for m in self.modules() if isinstance(m, SparseLinear)]
 
     def compress_(self) -> None:
-        """Forward-only CSR weights in every linear (evaluation, scoring, pruning at density <= 1/16)."""
-        for module in self.sparse_linears():
-            module.compress_()
+        """Forward-only CSR weights in every linear (evaluation, scoring, pruning at density <= 1/16).
+
+        Only the q/k/v projection must hand attention a unit last stride; the other linears return
+        feature-major views, which saves a transpose copy per linear on the CPU."""
+        for name, module in self.named_modules():
+            if isinstance(module, SparseLinear):
+                module.compress_(contiguous_out=name.endswith("attn.c_attn"))
 
     def decompress_(self) -> None:
         for module in self.sparse_linears():
