@@ -62,7 +62,7 @@ def time_steps(model_cfg, batch_size: int, density: float, repeats: int, device:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kernels", default="auto", choices=["auto", "cpu", "reference", "triton"])
+    parser.add_argument("--kernels", default="auto", choices=["auto", "cuda", "cpu", "reference", "triton"])
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; medians of {args.repeats} steps")

@@ -1,8 +1,9 @@
 """Masked linear: y = x @ (W * M)^T + b with the dense gradient for W (straight-through), so pruned
 weights keep receiving gradient and can regrow (METHOD.md 3: gradients and Adam moments stay dense).
 
-`W * M` is never a graph tensor: the CPU path forms it inside the autograd function, the Triton path
-(kernels/triton_linear.py) applies the mask while loading tiles.
+`W * M` is never a graph tensor: the torch path forms it inside the autograd function and runs the
+vendor GEMM (MKL/oneDNN on CPU, cuBLAS on GPU); the Triton path (kernels/triton_linear.py) applies the
+mask while loading tiles.
 """
 
 import torch
@@ -18,7 +19,7 @@ def masked_linear_reference(
     return F.linear(x, weight + (weight * mask - weight).detach(), bias)
 
 
-class _MaskedLinearCPU(torch.autograd.Function):
+class _MaskedLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, mask, bias):
         with torch.no_grad():
@@ -37,9 +38,9 @@ class _MaskedLinearCPU(torch.autograd.Function):
         return grad_x, grad_w, None, grad_b
 
 
-def masked_linear_cpu(
+def masked_linear_torch(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
     if mask is None:
         return F.linear(x, weight, bias)
-    return _MaskedLinearCPU.apply(x, weight, mask, bias)
+    return _MaskedLinearTorch.apply(x, weight, mask, bias)

@@ -5,11 +5,23 @@ serves all three products: forward x @ (W*M)^T, grad-input dy @ (W*M), and the d
 dy^T @ x. Operands are passed as strided views, so no transpose is ever copied.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+# Tile shapes tried on the GPU (autotuned per problem shape); the interpreter runs one small tile.
+_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+                             (128, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
+]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _CONFIGS = [triton.Config({"BM": 32, "BN": 32, "BK": 32})]
 
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_MASK", "IEEE"])
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, m_ptr, bias_ptr, c_ptr,
@@ -50,13 +62,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
     N = b.shape[1]
     c = torch.empty(M, N, device=a.device, dtype=a.dtype)
     keep = mask.view(torch.uint8) if mask is not None else b
-    BM, BN, BK = 64, 64, 32
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))  # noqa: E731
     _matmul_kernel[grid](
         a, b, keep, bias if bias is not None else b, c, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), keep.stride(0), keep.stride(1), c.stride(0), c.stride(1),
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
-        BM=BM, BN=BN, BK=BK,
     )
     return c
 

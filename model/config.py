@@ -30,8 +30,9 @@ class ModelConfig:
     afrac: float = 1.0
     afrac_locations: list[NodeLocation] = field(default_factory=lambda: list(NODE_LOCATIONS))
     init_std: float = 0.02
-    # Kernel set (kernels/dispatch.py): auto = triton on CUDA, cpu otherwise; reference = plain torch.
-    kernels: Literal["auto", "triton", "cpu", "reference"] = "auto"
+    # Kernel set (kernels/dispatch.py): auto = cuda on a GPU, cpu otherwise; triton = every Triton
+    # kernel; reference = the plain-torch twins.
+    kernels: Literal["auto", "cuda", "triton", "cpu", "reference"] = "auto"
 
 
 @dataclass(kw_only=True, frozen=True)

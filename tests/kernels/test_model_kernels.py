@@ -3,6 +3,7 @@ plain-torch reference kernels (on the GPU when there is one: the Triton kernels)
 
 import dataclasses
 
+import pytest
 import torch
 
 from model.config import ModelConfig, SparsityConfig
@@ -29,8 +30,9 @@ def run(backend: str, steps: int = 5) -> tuple[GPT, list[float]]:
     return model, losses
 
 
-def test_dispatched_training_matches_reference():
-    fast, fast_losses = run("auto")
+@pytest.mark.parametrize("backend", ["auto"] + (["triton"] if DEVICE == "cuda" else []))
+def test_dispatched_training_matches_reference(backend):
+    fast, fast_losses = run(backend)
     ref, ref_losses = run("reference")
     assert fast.kernels.name != "reference"
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(ref_losses), atol=1e-4, rtol=1e-4)
