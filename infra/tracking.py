@@ -1,23 +1,89 @@
-"""Where run records go: MLflow (SQLite file locally, a server on clusters; DESIGN.md).
+"""Where run records go: a local `metrics.jsonl` always, and MLflow (a SQLite file in the run folder
+by default, any tracking URI by config; DESIGN.md).
 
-This module holds the tracking settings; the MLflow sink lands with the trial issue.
+`RunTracker` talks to MLflow through an `MlflowClient` bound to its URI, so there is no global active
+run. A resumed run finds its MLflow run id in `mlflow_run.json` and continues that run. Every run ends
+with a status: FINISHED, FAILED (reason in the `failure_reason` tag) or KILLED.
 """
 
+import json
+import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+RUN_FILE, METRICS_FILE = "mlflow_run.json", "metrics.jsonl"
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
 
 @dataclass(kw_only=True, frozen=True)
 class TrackingConfig:
-    # MLflow 3 refuses the old ./mlruns file store; SQLite locally, a server on clusters.
-    uri: str = "sqlite:///runs/mlflow.db"
+    # None: sqlite:///<run folder>/mlflow.db. MLflow 3 refuses the old ./mlruns file store; use SQLite
+    # locally and a server with a database on clusters.
+    uri: str | None = None
     experiment: str = "circuitscale"
 
 
 def check_tracking_config(cfg: TrackingConfig) -> None:
-    if "://" not in cfg.uri:
+    if cfg.uri is not None and "://" not in cfg.uri:
         raise ValueError(
-            f"tracking.uri: must be a URI such as sqlite:///runs/mlflow.db or http://host:5000, "
-            f"got {cfg.uri!r}"
+            f"tracking.uri: must be a URI such as sqlite:///runs/mlflow.db or http://host:5000, got {cfg.uri!r}"
         )
     if not cfg.experiment.strip():
         raise ValueError("tracking.experiment: must not be empty")
+
+
+def tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
+    return cfg.uri or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+
+
+class RunTracker:
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict[str, object]) -> None:
+        self.run_dir = run_dir
+        self.uri = tracking_uri(cfg, run_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        self.run_id, self.resumed = self._open_run(cfg.experiment, run_name, params)
+
+    def _open_run(self, experiment: str, run_name: str, params: dict[str, object]) -> tuple[str, bool]:
+        record = self.run_dir / RUN_FILE
+        if record.is_file():
+            run_id = json.loads(record.read_text())["run_id"]
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id, True
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+        run = self.client.create_run(experiment_id, run_name=run_name)
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run.info.run_id, params=items[start : start + 100])
+        record.write_text(json.dumps({"run_id": run.info.run_id, "uri": self.uri}))
+        return run.info.run_id, False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        stamp = int(time.time() * 1000)
+        self._jsonl.write(json.dumps({"step": step, "time": stamp / 1000, **metrics}) + "\n")
+        self._jsonl.flush()
+        finite = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        for start in range(0, len(finite), 1000):
+            self.client.log_batch(self.run_id, metrics=finite[start : start + 1000])
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        assert status in ("FINISHED", "FAILED", "KILLED"), status
+        if reason:
+            self.set_tags({"failure_reason": reason[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+        self._jsonl.close()

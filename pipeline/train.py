@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.optimizer import SparseAdam, SparseSpec
 from model.config import SparsityConfig
 from model.sparsity import SparseTensor, attach_mask, density_at, lr_at
+from pipeline.evaluate import lm_loss
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -105,12 +105,6 @@ def build_optimizer(
             specs[p] = SparseSpec("matrix", None, decay=True)
     return SparseAdam(groups, specs, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
                       floor=sparsity.neuron_floor, kernels=model.kernels)
-
-
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on a (B, T + 1) window batch."""
-    logits = model(batch[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ from model.gpt import GPT
 from model.sparsity import keep_count, sparse_tensors
 from pipeline.config import resolve_config
 from pipeline.errors import ConfigError
-from pipeline.train import TrainConfig, build_optimizer, lm_loss, normalize_gradients_, schedule_at, train_step
+from pipeline.evaluate import lm_loss
+from pipeline.train import TrainConfig, build_optimizer, normalize_gradients_, schedule_at, train_step
 
 MODEL = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=16)
 VOCAB = 64

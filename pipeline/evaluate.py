@@ -1,0 +1,60 @@
+"""Evaluation: validation loss, sparsity figures and the residual-stream statistics the paper tracks."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.gpt import GPT
+from model.hooks import record
+from model.sparsity import SparseTensor
+from pipeline.loader import TokenLoader
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on a (B, T + 1) window batch."""
+    logits = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def validation_loss(model: GPT, loader: TokenLoader, batches: int, device: str | torch.device) -> float:
+    """Mean next-token loss over the first `batches` validation batches (a fixed set, not shuffled)."""
+    was_training = model.training
+    model.eval()
+    losses = [lm_loss(model, loader.batch(i).to(device)).item() for i in range(batches)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def sparsity_figures(tensors: list[SparseTensor]) -> dict[str, float]:
+    """Achieved L0 (nonzero weights) in total and each sparse tensor's achieved density."""
+    figures: dict[str, float] = {}
+    total = 0
+    for t in tensors:
+        nonzero = int(t.param.detach().count_nonzero())
+        total += nonzero
+        figures[f"density/{t.name}"] = nonzero / t.param.numel()
+    figures["l0_total"] = float(total)
+    return figures
+
+
+def dead_neurons(model: GPT) -> int:
+    """MLP neurons cut off by the sparsity: no nonzero input weight or no nonzero output weight."""
+    dead = 0
+    for block in model.transformer["h"]:
+        no_input = block.mlp.c_fc.weight.detach().count_nonzero(dim=1) == 0
+        no_output = block.mlp.c_proj.weight.detach().count_nonzero(dim=0) == 0
+        dead += int((no_input | no_output).sum())
+    return dead
+
+
+@torch.no_grad()
+def residual_kurtosis(model: GPT, batch: torch.Tensor) -> float:
+    """Excess kurtosis of the final residual stream (before ln_f) over a batch; METHOD.md 6 reports
+    that it rises as L0 falls or width grows."""
+    name = f"transformer.h.{model.cfg.num_layers - 1}.hook_resid_post"
+    with record(model, [name]) as cache:
+        model(batch[:, :-1])
+    x = cache[name].double().flatten()
+    centred = x - x.mean()
+    return float((centred**4).mean() / (centred**2).mean() ** 2 - 3.0)
