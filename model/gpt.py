@@ -218,5 +218,6 @@ class GPT(nn.Module):
         x = self.hook_resid_final(self.transformer["ln_f"](x))  # the unembedding's read
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.bigram_table is not None:
-            logits = logits + self.bigram_table[idx]
+            # an embedding lookup: its CPU backward is deterministic, table[idx]'s index_put is not
+            logits = logits + F.embedding(idx, self.bigram_table)
         return logits

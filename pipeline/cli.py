@@ -5,6 +5,7 @@ with one line on a user error (bad config, bad input); bugs keep their traceback
 """
 
 import argparse
+import signal
 import sys
 
 from pipeline.config import ExperimentConfig, config_to_yaml, resolve_config
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="build (or reuse) the tokenized corpus: BPE + token shards")
     _common(data)
     data.set_defaults(run=run_data)
+    train = verbs.add_parser("train", help="train one model (resuming from its last checkpoint) and export it")
+    _common(train)
+    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    train.set_defaults(run=run_train)
     return parser
 
 
@@ -49,6 +54,33 @@ def run_data(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     result = build_data(cfg.data, config_yaml=config_to_yaml(cfg), progress=not args.no_progress)
     print(describe_data(result))
     return 0
+
+
+def run_train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.train import NonFiniteLoss
+    from pipeline.trial import run_trial
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a terminated run is KILLED, not left RUNNING
+    try:
+        result = run_trial(cfg, device=device, progress=not args.no_progress)
+    except NonFiniteLoss as err:
+        print(f"circuitscale: training failed: {err} (run marked FAILED)", file=sys.stderr)
+        return 1
+    final = result.final
+    print(f"trained {cfg.train.steps} steps in {result.run_dir.resolve()}"
+          + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
+    print(f"  val_loss {final['val_loss']:.4f}  L0 {final['l0_total']:.0f}  dead neurons {final['dead_neurons']:.0f}"
+          f"  residual kurtosis {final['residual_kurtosis']:.2f}")
+    print(f"  export: {result.export_dir.resolve()} (safetensors) and {result.export_dir.resolve() / 'paper'}")
+    print(f"  MLflow: run {result.mlflow_run_id} at {result.mlflow_uri}")
+    return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def describe_data(result: DataResult) -> str:
