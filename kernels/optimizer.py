@@ -54,46 +54,89 @@ def mask_decay_reference(param: torch.Tensor, mask: torch.Tensor | None, factor:
         param.mul_(factor)
 
 
+@torch.no_grad()
+def normalize_grad_rms_(
+    grads: list[torch.Tensor], mode: str, *, numel: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """Scale the global gradient so its RMS is 1 (rescale: always, as the released code) or at most 1
+    (clip: the paper's wording); returns the RMS before. METHOD.md 3: essential for stability.
+
+    With sharded gradients (ZeRO partitions) pass `reduce` (a sum across ranks) and the total `numel`.
+    """
+    sumsq = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        sumsq += (g.double() ** 2).sum().cpu()
+    if reduce is not None:
+        sumsq = reduce(sumsq)
+    total = numel if numel is not None else sum(g.numel() for g in grads)
+    rms = float(torch.sqrt(sumsq / max(total, 1)))
+    if mode == "rescale":
+        scale = 1.0 / (rms + 1e-5)
+    elif mode == "clip":
+        scale = 1.0 / rms if rms > 1.0 else 1.0
+    else:
+        scale = 1.0
+    if scale != 1.0 and grads:
+        torch._foreach_mul_(grads, scale)
+    return rms
+
+
 class SparseAdam(torch.optim.Optimizer):
-    """Adam (betas, eps per group) whose step also projects and decays, through `kernels`.
+    """Adam (betas, eps per group) whose step first normalizes the global gradient RMS, then updates,
+    projects and decays, through `kernels`.
 
     Set each group's `lr` and the optimizer's `densities` ({"matrix": d, "embedding": d, "bias": d})
-    before `step()`. `masks` holds the last mask of every projected tensor.
+    before `step()`. `masks` holds the last mask of every projected tensor, `grad_rms` the last RMS.
+    Under a sharding engine the params become flat partitions that `specs` does not name: the step
+    then only normalizes and updates, and the engine projects through its master weights.
     """
 
     def __init__(self, groups: list[dict], specs: dict[torch.Tensor, SparseSpec], *, betas: tuple[float, float],
-                 weight_decay: float, floor: int, kernels) -> None:
+                 weight_decay: float, floor: int, kernels, grad_rms: str = "rescale") -> None:
         super().__init__(groups, {"lr": 1e-3, "betas": betas, "eps": 1e-8})
         self.specs, self.weight_decay, self.floor, self.kernels = specs, weight_decay, floor, kernels
+        self.grad_rms_mode = grad_rms
+        self.numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+        self.sumsq_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by a sharding engine
         self.densities = {"matrix": 1.0, "embedding": 1.0, "bias": 1.0}
         self.masks: dict[torch.Tensor, torch.Tensor] = {}
+        self.grad_rms = float("nan")
         self.timings: dict[str, float] = {}  # seconds of the last step: adam_s, topk_s, mask_decay_s
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> None:
         assert closure is None, "SparseAdam takes no closure"
         start = time.perf_counter()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.grad_rms = normalize_grad_rms_(grads, self.grad_rms_mode, numel=self.numel, reduce=self.sumsq_reduce)
         for group in self.param_groups:
             self._adam(group)
         timings = {"adam_s": time.perf_counter() - start, "topk_s": 0.0, "mask_decay_s": 0.0}
         for group in self.param_groups:
-            factor = 1.0 - group["lr"] * self.weight_decay
             for p in group["params"]:
-                spec = self.specs.get(p)
-                if spec is None:
+                if p not in self.specs:
                     continue
-                density = self.densities[spec.group]
-                mask = None
-                tick = time.perf_counter()
-                if density < 1.0:
-                    k = keep_count(p.numel(), density)
-                    mask = self.kernels.topk_mask(p, k, floor=self.floor, floor_dim=spec.floor_dim)
-                    self.masks[p] = mask
-                tock = time.perf_counter()
-                self.kernels.mask_decay(p, mask, factor if spec.decay else 1.0)
-                timings["topk_s"] += tock - tick
-                timings["mask_decay_s"] += time.perf_counter() - tock
+                self.project_(p, p, group["lr"], timings)
         self.timings = timings
+
+    @torch.no_grad()
+    def project_(self, param: torch.Tensor, full: torch.Tensor, lr: float, timings: dict | None = None) -> None:
+        """Top-k projection and decoupled decay of `full`, the values of `param` (the parameter itself, or
+        a sharding engine's gathered fp32 master copy of it), in place; records the mask."""
+        spec = self.specs[param]
+        density = self.densities.get(spec.group, 1.0)
+        tick = time.perf_counter()
+        mask = None
+        if density < 1.0:
+            k = keep_count(full.numel(), density)
+            mask = self.kernels.topk_mask(full, k, floor=self.floor, floor_dim=spec.floor_dim)
+            self.masks[param] = mask
+        tock = time.perf_counter()
+        self.kernels.mask_decay(full, mask, 1.0 - lr * self.weight_decay if spec.decay else 1.0)
+        if timings is not None:
+            timings["topk_s"] += tock - tick
+            timings["mask_decay_s"] += time.perf_counter() - tock
 
     def _adam(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs = [], [], [], []

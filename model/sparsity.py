@@ -74,6 +74,13 @@ def attach_mask(tensor: SparseTensor, mask: torch.Tensor) -> None:
         tensor.module.mask = mask
 
 
+def attach_masks(tensors: list[SparseTensor], masks: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Hand the optimizer's latest masks (keyed by parameter) to the modules that apply them."""
+    for t in tensors:
+        if t.param in masks:
+            attach_mask(t, masks[t.param])
+
+
 def anneal_progress(step: int, total_steps: int, cfg: SparsityConfig) -> float:
     """0 before the anneal window, 1 after it, linear in between."""
     start, end = cfg.anneal_start * total_steps, cfg.anneal_end * total_steps

@@ -8,7 +8,7 @@ checkpoint every `checkpoint_every` steps and at the end, exact resume from the 
 checkpoint, a progress bar with loss and tokens/s, and every metric to the injected tracker.
 """
 
-import itertools
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -21,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from infra.checkpoint import load_latest_checkpoint, save_checkpoint
+from infra.engine import DeepSpeedConfig, Engine, wrap
 from kernels.optimizer import SparseAdam, SparseSpec
 from model.config import SparsityConfig
 from model.gpt import GPT
-from model.sparsity import SparseTensor, attach_mask, density_at, lr_at, sparse_tensors
+from model.sparsity import SparseTensor, attach_masks, density_at, lr_at, sparse_tensors
 from pipeline.data import Dataset
 from pipeline.evaluate import dead_neurons, lm_loss, residual_kurtosis, sparsity_figures, validation_loss
 from pipeline.loader import TokenLoader
@@ -61,6 +62,7 @@ class TrainConfig:
 @dataclass(kw_only=True, frozen=True)
 class TrialConfig:
     workers: int = 1  # data-parallel training processes per trial
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: DeepSpeed when workers > 1
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -120,64 +122,36 @@ def build_optimizer(
     specs = {t.param: SparseSpec(t.group, t.floor_dim, decay=t.param.dim() == 2) for t in tensors}
     for name, p in model.named_parameters():  # dense matrices (e.g. the dense baseline's) still decay
         if p.dim() == 2 and name != "bigram_table" and p not in specs:
-            specs[p] = SparseSpec("matrix", None, decay=True)
+            specs[p] = SparseSpec("dense", None, decay=True)
     return SparseAdam(groups, specs, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
-                      floor=sparsity.neuron_floor, kernels=model.kernels)
+                      floor=sparsity.neuron_floor, kernels=model.kernels, grad_rms=train.grad_rms)
 
 
-@torch.no_grad()
-def normalize_gradients_(params: list[nn.Parameter], mode: str) -> float:
-    """Scale the global gradient so its RMS is 1 (rescale) or at most 1 (clip); returns the RMS before."""
-    grads = [p.grad for p in params if p.grad is not None]
-    numel = sum(g.numel() for g in grads)
-    rms = torch.sqrt(sum((g.float() ** 2).sum() for g in grads) / max(numel, 1)).item()
-    if mode == "rescale":
-        scale = 1.0 / (rms + 1e-5)
-    elif mode == "clip":
-        scale = 1.0 / rms if rms > 1.0 else 1.0
-    else:
-        scale = 1.0
-    if scale != 1.0:
-        torch._foreach_mul_(grads, scale)
-    return rms
+
+def torch_engine(model: GPT, tensors: list[SparseTensor], train: TrainConfig, sparsity: SparsityConfig) -> Engine:
+    """A single-process engine over a fresh fused sparse Adam (tests, benchmarks, one-worker runs)."""
+    optimizer = build_optimizer(model, tensors, train, sparsity)
+    return wrap(model, optimizer, engine="torch", cfg=DeepSpeedConfig(), micro_batch=train.batch_size,
+                grad_accum=train.grad_accum, attach_masks=functools.partial(attach_masks, tensors))
 
 
 def train_step(
-    model: nn.Module,
-    optimizer: SparseAdam,
-    tensors: list[SparseTensor],
-    micro_batches: list[torch.Tensor],
-    step: int,
-    train: TrainConfig,
-    sparsity: SparsityConfig,
+    engine: Engine, micro_batches: list[torch.Tensor], step: int, train: TrainConfig, sparsity: SparsityConfig
 ) -> dict[str, float]:
-    """One optimizer step of the recipe over `micro_batches` (gradient accumulation).
+    """One optimizer step of the recipe over `micro_batches` (gradient accumulation): forward and
+    backward, then the engine's fused step (RMS normalization, Adam, projection, decay).
 
     Returns loss, lr, density, the gradient RMS before normalization, and seconds per phase.
     """
     schedule = schedule_at(step, train, sparsity)
-    clock = [time.perf_counter()]
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for batch in micro_batches:
-        loss = lm_loss(model, batch) / len(micro_batches)
-        loss.backward()
-        total += loss.item()
-    clock.append(time.perf_counter())
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_rms = normalize_gradients_(params, train.grad_rms)
-    for group in optimizer.param_groups:
-        group["lr"] = schedule.lr
-    optimizer.densities = {"matrix": schedule.density, "embedding": schedule.embedding_density,
-                           "bias": schedule.embedding_density}
-    optimizer.step()  # Adam, then top-k projection and decoupled decay (kernels/optimizer.py)
-    clock.append(time.perf_counter())
-    for t in tensors:
-        if t.param in optimizer.masks:
-            attach_mask(t, optimizer.masks[t.param])
-    seconds = [b - a for a, b in itertools.pairwise(clock)]
-    phases = dict(zip(("fwd_bwd_s", "optim_s"), seconds, strict=True)) | optimizer.timings
-    return {"loss": total, "lr": schedule.lr, "density": schedule.density, "grad_rms": grad_rms} | phases
+    tick = time.perf_counter()
+    loss = engine.forward_backward(micro_batches, lm_loss)
+    tock = time.perf_counter()
+    densities = {"matrix": schedule.density, "embedding": schedule.embedding_density,
+                 "bias": schedule.embedding_density}
+    stats = engine.step(schedule.lr, densities)
+    phases = {"fwd_bwd_s": tock - tick, "optim_s": time.perf_counter() - tock}
+    return {"loss": loss, "lr": schedule.lr, "density": schedule.density} | stats | phases
 
 
 @torch.no_grad()
@@ -199,12 +173,20 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
+class NullTracker:
+    """What ranks other than 0 log to."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
 @dataclass
 class TrainResult:
     model: GPT
     steps: int
     resumed_from: int  # step of the checkpoint it started from, 0 for a fresh run
     final: dict[str, float]
+    rank: int
 
 
 def train(
@@ -217,25 +199,30 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train (or resume) one model under `run_dir`; raises NonFiniteLoss on a NaN/inf loss."""
+    """Train (or resume) one model under `run_dir` on this process's rank of the engine; raises
+    NonFiniteLoss on a NaN/inf loss. Rank 0 writes checkpoints and logs to `tracker`."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model, dataset.manifest["tokenizer"]["vocab_size"], device=device)
     if cfg.model.bigram_table == "fixed":
         model.bigram_table.copy_(bigram_log_probs(_train_sample(dataset), model.vocab_size))
     tensors = sparse_tensors(model, cfg.sparsity)
-    optimizer = build_optimizer(model, tensors, cfg.train, cfg.sparsity)
-    start = restore(run_dir / "checkpoints", model, optimizer, log)
     t = cfg.train
+    engine = wrap(model, build_optimizer(model, tensors, t, cfg.sparsity), engine=engine_kind(cfg),
+                  cfg=cfg.deepspeed, micro_batch=t.batch_size, grad_accum=t.grad_accum,
+                  attach_masks=functools.partial(attach_masks, tensors))
+    lead = engine.rank == 0
+    start = restore(run_dir / "checkpoints", engine, log if lead else (lambda _: None))
     loader = TokenLoader(dataset, split="train", batch_size=t.batch_size * t.grad_accum,
-                         context_length=cfg.model.context_length, seed=t.seed)
+                         context_length=cfg.model.context_length, seed=t.seed, rank=engine.rank,
+                         world_size=engine.world_size)
     val = TokenLoader(dataset, split="val", batch_size=t.batch_size, context_length=cfg.model.context_length,
                       shuffle=False)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="training", disable=not progress)
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length * engine.world_size
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="training", disable=not (progress and lead))
     for step in bar:
         tick = time.perf_counter()
         micro_batches = list(loader.batch(step).to(device).split(t.batch_size))
-        stats = train_step(model, optimizer, tensors, micro_batches, step, t, cfg.sparsity)
+        stats = train_step(engine, micro_batches, step, t, cfg.sparsity)
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLoss(f"loss became {stats['loss']} at step {step + 1}")
         metrics = {"train_loss": stats["loss"], "lr": stats["lr"], "density": stats["density"],
@@ -246,11 +233,30 @@ def train(
         tracker.log_metrics(metrics, done)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if done % t.checkpoint_every == 0 or done == t.steps:
-            save_checkpoint(run_dir / "checkpoints", done, state_tensors(model, optimizer),
-                            {"config": config_yaml(cfg)}, keep=t.keep_checkpoints)
+            state = engine.full_state()  # a collective under DeepSpeed: every rank takes part
+            if lead:
+                save_checkpoint(run_dir / "checkpoints", done, state, {"config": config_yaml(cfg)},
+                                keep=t.keep_checkpoints)
     final = _evaluation(model, tensors, val, t.eval_batches, device)
     final["residual_kurtosis"] = residual_kurtosis(model, val.batch(0).to(device))
-    return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final)
+    return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final, rank=engine.rank)
+
+
+def engine_kind(cfg: "ExperimentConfig") -> str:
+    """trial.engine, with auto = DeepSpeed for several workers, plain torch for one."""
+    if cfg.trial.engine != "auto":
+        return cfg.trial.engine
+    return "deepspeed" if cfg.trial.workers > 1 else "torch"
+
+
+def restore(root: Path, engine: Engine, log: Callable[[str], None]) -> int:
+    """Load the newest good checkpoint under `root` into the engine; returns its step (0 if none)."""
+    checkpoint = load_latest_checkpoint(root, warn=log)
+    if checkpoint is None:
+        return 0
+    engine.load_full_state(checkpoint.tensors)
+    log(f"resumed from {checkpoint.folder} (step {checkpoint.step})")
+    return checkpoint.step
 
 
 def _evaluation(model, tensors, val, batches: int, device) -> dict[str, float]:
@@ -269,38 +275,3 @@ def config_yaml(cfg: "ExperimentConfig") -> str:
     from pipeline.config import config_to_yaml  # config.py imports this module for TrainConfig
 
     return config_to_yaml(cfg)
-
-
-def state_tensors(model: GPT, optimizer: SparseAdam) -> dict[str, torch.Tensor]:
-    """Everything a bit-exact resume needs, as named tensors: weights and buffers, Adam state,
-    projection masks, and the torch RNG state (the loader needs none: it is a function of the step)."""
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    names = {p: n for n, p in model.named_parameters()}
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            tensors[f"optim/{names[p]}/{key}"] = value
-    for name, module in model.named_modules():
-        if getattr(module, "mask", None) is not None:
-            tensors[f"mask/{name}"] = module.mask
-    tensors["rng/torch"] = torch.get_rng_state()
-    return tensors
-
-
-def restore(root: Path, model: GPT, optimizer: SparseAdam, log: Callable[[str], None]) -> int:
-    """Load the newest good checkpoint under `root` into model and optimizer; returns its step (0 if none)."""
-    checkpoint = load_latest_checkpoint(root, warn=log)
-    if checkpoint is None:
-        return 0
-    device = next(model.parameters()).device
-    found = checkpoint.tensors
-    model.load_state_dict({k[len("model/"):]: v for k, v in found.items() if k.startswith("model/")})
-    params = dict(model.named_parameters())
-    for key, value in found.items():
-        if key.startswith("optim/"):
-            name, field = key[len("optim/"):].rsplit("/", 1)
-            optimizer.state[params[name]][field] = value if field == "step" else value.to(device)
-        elif key.startswith("mask/"):
-            model.get_submodule(key[len("mask/"):]).mask = value.to(device=device, dtype=torch.bool)
-    torch.set_rng_state(found["rng/torch"])
-    log(f"resumed from {checkpoint.folder} (step {checkpoint.step})")
-    return checkpoint.step

@@ -9,7 +9,7 @@ import torch
 from model.config import ModelConfig, SparsityConfig
 from model.gpt import GPT
 from model.sparsity import sparse_tensors
-from pipeline.train import TrainConfig, build_optimizer, train_step
+from pipeline.train import TrainConfig, torch_engine, train_step
 from tests.kernels.conftest import DEVICE
 
 CFG = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=32)
@@ -20,13 +20,12 @@ def run(backend: str, steps: int = 5) -> tuple[GPT, list[float]]:
     model = GPT(dataclasses.replace(CFG, kernels=backend), 96, device=DEVICE)
     sparsity = SparsityConfig(density=1 / 16, anneal_start=0.0, anneal_end=0.4)
     train = TrainConfig(steps=steps, lr=1e-2)
-    tensors = sparse_tensors(model, sparsity)
-    optimizer = build_optimizer(model, tensors, train, sparsity)
+    engine = torch_engine(model, sparse_tensors(model, sparsity), train, sparsity)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for step in range(steps):
         batch = torch.randint(0, 96, (4, 33), generator=gen).to(DEVICE)
-        losses.append(train_step(model, optimizer, tensors, [batch], step, train, sparsity)["loss"])
+        losses.append(train_step(engine, [batch], step, train, sparsity)["loss"])
     return model, losses
 
 

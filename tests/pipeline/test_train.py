@@ -1,13 +1,14 @@
 import pytest
 import torch
 
+from kernels.optimizer import normalize_grad_rms_
 from model.config import ModelConfig, SparsityConfig
 from model.gpt import GPT
 from model.sparsity import keep_count, sparse_tensors
 from pipeline.config import resolve_config
 from pipeline.errors import ConfigError
 from pipeline.evaluate import lm_loss
-from pipeline.train import TrainConfig, build_optimizer, normalize_gradients_, schedule_at, train_step
+from pipeline.train import TrainConfig, build_optimizer, schedule_at, torch_engine, train_step
 
 MODEL = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=16)
 VOCAB = 64
@@ -19,12 +20,12 @@ def run(steps: int, density: float, *, seed: int = 0, batches=None, lr: float = 
     sparsity = SparsityConfig(density=density, anneal_start=0.0, anneal_end=0.5)
     train = TrainConfig(steps=steps, lr=lr, **train_kw)
     tensors = sparse_tensors(model, sparsity)
-    optimizer = build_optimizer(model, tensors, train, sparsity)
+    engine = torch_engine(model, tensors, train, sparsity)
     gen = torch.Generator().manual_seed(seed)
     history = []
     for step in range(steps):
         batch = batches[step] if batches is not None else torch.randint(0, VOCAB, (4, 17), generator=gen)
-        history.append(train_step(model, optimizer, tensors, [batch], step, train, sparsity))
+        history.append(train_step(engine, [batch], step, train, sparsity))
     return model, tensors, history
 
 
@@ -62,16 +63,17 @@ def test_overfits_a_repeated_batch(density):
 
 
 def test_gradient_rms_modes():
-    p = torch.nn.Parameter(torch.zeros(100))
-    p.grad = torch.full((100,), 3.0)
-    assert normalize_gradients_([p], "rescale") == pytest.approx(3.0)
-    assert p.grad.pow(2).mean().sqrt() == pytest.approx(1.0, rel=1e-4)
-    p.grad = torch.full((100,), 0.5)
-    normalize_gradients_([p], "clip")
-    assert p.grad[0] == 0.5  # below 1: untouched
-    p.grad = torch.full((100,), 4.0)
-    normalize_gradients_([p], "clip")
-    assert p.grad[0] == pytest.approx(1.0)
+    g = torch.full((100,), 3.0)
+    assert normalize_grad_rms_([g], "rescale") == pytest.approx(3.0)
+    assert g.pow(2).mean().sqrt() == pytest.approx(1.0, rel=1e-4)
+    g = torch.full((100,), 0.5)
+    normalize_grad_rms_([g], "clip")
+    assert g[0] == 0.5  # below 1: untouched
+    g = torch.full((100,), 4.0)
+    normalize_grad_rms_([g], "clip")
+    assert g[0] == pytest.approx(1.0)
+    g = torch.full((100,), 4.0)  # one shard of a gradient whose other half (100 zeros) is elsewhere
+    assert normalize_grad_rms_([g], "none", numel=200, reduce=lambda t: t) == pytest.approx(4.0 / 2**0.5)
 
 
 def test_bigram_table_gets_its_own_eps():

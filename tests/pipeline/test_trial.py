@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from infra.checkpoint import list_checkpoints
 from model.gpt import GPT
+from model.sparsity import sparse_tensors
 from pipeline.config import resolve_config
-from pipeline.train import restore
+from pipeline.train import restore, torch_engine
 from pipeline.trial import run_trial
 
 SCRIPT = Path(sys.executable).parent / "circuitscale"
@@ -91,12 +92,9 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(dataset_cache, tmp_pa
     state = checkpoints[-1] / "state.safetensors"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
     model = GPT(cfg.model, 512)
-    from model.sparsity import sparse_tensors
-    from pipeline.train import build_optimizer
-
-    optimizer = build_optimizer(model, sparse_tensors(model, cfg.sparsity), cfg.train, cfg.sparsity)
+    engine = torch_engine(model, sparse_tensors(model, cfg.sparsity), cfg.train, cfg.sparsity)
     messages = []
-    assert restore(tmp_path / "run" / "checkpoints", model, optimizer, messages.append) == 5
+    assert restore(tmp_path / "run" / "checkpoints", engine, messages.append) == 5
     assert str(checkpoints[-1]) in messages[0] and "checksum" in messages[0]
 
 

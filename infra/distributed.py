@@ -1,0 +1,77 @@
+"""Process-group start for training workers: gloo on CPU (DS_ACCELERATOR=cpu), NCCL on GPUs.
+
+Three ways in: a launcher already set RANK / WORLD_SIZE (torchrun, the deepspeed launcher, Ray
+Train), `spawn()` starting N local processes, or one process alone (a world of one on loopback).
+"""
+
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def launched_by_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerator_env() -> None:
+    """DeepSpeed picks its accelerator at import: tell it before anything imports deepspeed."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def init_process_group(backend: str = "auto") -> tuple[int, int]:
+    """Join (or create, for a lone process) the default process group; returns (rank, world size)."""
+    accelerator_env()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    import deepspeed  # noqa: PLC0415 (after accelerator_env)
+
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_mean(value: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor) / dist.get_world_size()
+
+
+def spawn(fn: Callable[..., None], workers: int, *args) -> None:
+    """Run `fn(*args)` in `workers` local processes joined in one group (ranks 0..workers-1)."""
+    port = free_port()
+    mp.start_processes(_entry, args=(fn, workers, port, args), nprocs=workers, start_method="spawn", join=True)
+
+
+def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    accelerator_env()
+    fn(*args)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
