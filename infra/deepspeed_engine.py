@@ -9,12 +9,13 @@ and the same values into the module's copy. Under stage 0 there is no master cop
 projects the real parameters itself.
 """
 
+import math
 import time
 
 import torch
 from torch import nn
 
-from infra.distributed import accelerator_env, all_reduce_mean, all_reduce_sum, init_process_group
+from infra.distributed import accelerator_env, all_reduce_mean, init_process_group
 from infra.engine import DeepSpeedConfig, LossFn, _load_masks, _mask_tensors
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -40,8 +41,15 @@ class DeepSpeedEngine:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine.module
         self.names = list(model.named_parameters())
-        if self.stage >= 1:  # gradients are partitioned: the RMS needs a sum across ranks
-            optimizer.sumsq_reduce = all_reduce_sum
+        if self.stage >= 1:
+            # ZeRO steps the optimizer one parameter group at a time, after computing the global
+            # gradient norm over all groups and ranks: normalize every group by that one RMS.
+            zero = self.engine.optimizer
+            optimizer.global_rms = lambda: float(zero._global_grad_norm) / math.sqrt(optimizer.numel)
+            optimizer.init_state()  # ZeRO links its state views after the first group's step ...
+            link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+            if link is not None:  # ... so link them now, or a resume could not set them (ZeRO 1/2)
+                link()
         self._deepspeed = deepspeed
 
     def forward_backward(self, micro_batches: list[torch.Tensor], loss_fn: LossFn) -> float:
@@ -107,7 +115,7 @@ class DeepSpeedEngine:
     def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        self._init_optimizer_state()
+        self.sparse.init_state()  # in place: ZeRO holds views of these tensors
         for name, p in self.names:
             value = tensors[f"model/{name}"]
             self._set_weight(p, value, safe_set_full_fp32_param)
@@ -122,7 +130,7 @@ class DeepSpeedEngine:
         steps = [v for k, v in tensors.items() if k.startswith("optim/") and k.endswith("/step")]
         if steps:
             for state in self.sparse.state.values():
-                state["step"] = steps[0].clone()
+                state["step"].copy_(steps[0])
         params = {n for n, _ in self.names}
         buffers = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/") and k[6:] not in params}
         if buffers:
@@ -130,14 +138,6 @@ class DeepSpeedEngine:
         _load_masks(self.module, tensors, next(self.module.parameters()).device)
         torch.set_rng_state(tensors["rng/torch"])
 
-    def _init_optimizer_state(self) -> None:
-        for group in self.sparse.param_groups:
-            for p in group["params"]:
-                self.sparse.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float64),
-                    "exp_avg": torch.zeros_like(p),
-                    "exp_avg_sq": torch.zeros_like(p),
-                }
 
     def _step_count(self) -> int:
         for state in self.sparse.state.values():

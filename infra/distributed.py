@@ -4,8 +4,11 @@ Three ways in: a launcher already set RANK / WORLD_SIZE (torchrun, the deepspeed
 Train), `spawn()` starting N local processes, or one process alone (a world of one on loopback).
 """
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 from collections.abc import Callable
 
 import torch
@@ -46,11 +49,6 @@ def init_process_group(backend: str = "auto") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
 def all_reduce_mean(value: float) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
@@ -60,16 +58,36 @@ def all_reduce_mean(value: float) -> float:
 
 
 def spawn(fn: Callable[..., None], workers: int, *args) -> None:
-    """Run `fn(*args)` in `workers` local processes joined in one group (ranks 0..workers-1)."""
+    """Run `fn(*args)` in `workers` local processes joined in one group (ranks 0..workers-1).
+
+    If one worker fails the others are stopped and the failure is raised here; if this process is
+    interrupted (Ctrl-C, SIGTERM) the workers are stopped too, and they die with it on SIGKILL.
+    """
     port = free_port()
-    mp.start_processes(_entry, args=(fn, workers, port, args), nprocs=workers, start_method="spawn", join=True)
+    context = mp.start_processes(_entry, args=(fn, workers, port, args), nprocs=workers, start_method="spawn",
+                                 join=False)
+    try:
+        while not context.join():
+            pass
+    except BaseException:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+        raise
 
 
 def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, args: tuple) -> None:
+    _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     accelerator_env()
     fn(*args)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the process that spawned it dies, so none is orphaned."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def shutdown() -> None:

@@ -81,9 +81,21 @@ class RunTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def close(self) -> None:
+        self._jsonl.close()
+
     def finish(self, status: str, reason: str | None = None) -> None:
+        """End the run with its status. An interrupt may have landed inside an MLflow call and left its
+        session unusable, so a failed attempt is retried once with a fresh client."""
         assert status in ("FINISHED", "FAILED", "KILLED"), status
-        if reason:
-            self.set_tags({"failure_reason": reason[:5000]})
-        self.client.set_terminated(self.run_id, status=status)
+        for attempt in range(2):
+            try:
+                if reason:
+                    self.set_tags({"failure_reason": reason[:5000]})
+                self.client.set_terminated(self.run_id, status=status)
+                break
+            except Exception:
+                if attempt:
+                    raise
+                self.client = MlflowClient(tracking_uri=self.uri)
         self._jsonl.close()

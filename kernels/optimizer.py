@@ -56,21 +56,18 @@ def mask_decay_reference(param: torch.Tensor, mask: torch.Tensor | None, factor:
 
 @torch.no_grad()
 def normalize_grad_rms_(
-    grads: list[torch.Tensor], mode: str, *, numel: int | None = None,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    grads: list[torch.Tensor], mode: str, *, numel: int | None = None, rms: float | None = None
 ) -> float:
     """Scale the global gradient so its RMS is 1 (rescale: always, as the released code) or at most 1
     (clip: the paper's wording); returns the RMS before. METHOD.md 3: essential for stability.
 
-    With sharded gradients (ZeRO partitions) pass `reduce` (a sum across ranks) and the total `numel`.
+    A sharding engine that steps the optimizer one parameter group at a time passes the global `rms`
+    it computed over all groups and ranks; otherwise it is computed from `grads` (over `numel`).
     """
-    sumsq = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        sumsq += (g.double() ** 2).sum().cpu()
-    if reduce is not None:
-        sumsq = reduce(sumsq)
-    total = numel if numel is not None else sum(g.numel() for g in grads)
-    rms = float(torch.sqrt(sumsq / max(total, 1)))
+    if rms is None:
+        sumsq = sum(((g.double() ** 2).sum().cpu() for g in grads), torch.zeros((), dtype=torch.float64))
+        total = numel if numel is not None else sum(g.numel() for g in grads)
+        rms = float(torch.sqrt(sumsq / max(total, 1)))
     if mode == "rescale":
         scale = 1.0 / (rms + 1e-5)
     elif mode == "clip":
@@ -90,6 +87,8 @@ class SparseAdam(torch.optim.Optimizer):
     before `step()`. `masks` holds the last mask of every projected tensor, `grad_rms` the last RMS.
     Under a sharding engine the params become flat partitions that `specs` does not name: the step
     then only normalizes and updates, and the engine projects through its master weights.
+    State is created for every parameter by `init_state()` (DeepSpeed links its views of the state
+    after the first group's step, so every group's state must exist by then) or lazily.
     """
 
     def __init__(self, groups: list[dict], specs: dict[torch.Tensor, SparseSpec], *, betas: tuple[float, float],
@@ -98,7 +97,8 @@ class SparseAdam(torch.optim.Optimizer):
         self.specs, self.weight_decay, self.floor, self.kernels = specs, weight_decay, floor, kernels
         self.grad_rms_mode = grad_rms
         self.numel = sum(p.numel() for g in self.param_groups for p in g["params"])
-        self.sumsq_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by a sharding engine
+        # Set by a sharding engine that steps one group at a time: the RMS over all groups and ranks.
+        self.global_rms: Callable[[], float] | None = None
         self.densities = {"matrix": 1.0, "embedding": 1.0, "bias": 1.0}
         self.masks: dict[torch.Tensor, torch.Tensor] = {}
         self.grad_rms = float("nan")
@@ -109,7 +109,8 @@ class SparseAdam(torch.optim.Optimizer):
         assert closure is None, "SparseAdam takes no closure"
         start = time.perf_counter()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.grad_rms = normalize_grad_rms_(grads, self.grad_rms_mode, numel=self.numel, reduce=self.sumsq_reduce)
+        rms = self.global_rms() if self.global_rms is not None else None
+        self.grad_rms = normalize_grad_rms_(grads, self.grad_rms_mode, numel=self.numel, rms=rms)
         for group in self.param_groups:
             self._adam(group)
         timings = {"adam_s": time.perf_counter() - start, "topk_s": 0.0, "mask_decay_s": 0.0}
@@ -138,16 +139,22 @@ class SparseAdam(torch.optim.Optimizer):
             timings["topk_s"] += tock - tick
             timings["mask_decay_s"] += time.perf_counter() - tock
 
+    def init_state(self) -> None:
+        """Zero Adam state for every parameter that has none yet (the same as lazy creation)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self.state[p]["step"] = torch.zeros((), dtype=torch.float64)
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def _adam(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+        self.init_state()
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float64)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             params.append(p)
             grads.append(p.grad)

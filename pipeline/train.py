@@ -187,6 +187,7 @@ class TrainResult:
     resumed_from: int  # step of the checkpoint it started from, 0 for a fresh run
     final: dict[str, float]
     rank: int
+    state: dict[str, torch.Tensor]  # the final full state (engine-agnostic layout)
 
 
 def train(
@@ -239,7 +240,8 @@ def train(
                                 keep=t.keep_checkpoints)
     final = _evaluation(model, tensors, val, t.eval_batches, device)
     final["residual_kurtosis"] = residual_kurtosis(model, val.batch(0).to(device))
-    return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final, rank=engine.rank)
+    return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final, rank=engine.rank,
+                       state=engine.full_state())
 
 
 def engine_kind(cfg: "ExperimentConfig") -> str:

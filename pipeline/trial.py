@@ -4,15 +4,22 @@ tracked run that always ends FINISHED, FAILED (reason tagged) or KILLED."""
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.multiprocessing import ProcessRaisedException
+
+from infra.distributed import spawn
 from infra.tracking import RunTracker
+from model.gpt import GPT
 from pipeline.config import ExperimentConfig, config_to_yaml, save_config
-from pipeline.data import build_data
+from pipeline.data import Dataset, build_data
 from pipeline.export import export_model
-from pipeline.train import NonFiniteLoss, train
+from pipeline.train import NonFiniteLoss, NullTracker, train
+
+SUMMARY = "final_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ def flat_params(cfg: ExperimentConfig) -> dict[str, object]:
 def run_trial(
     cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print
 ) -> TrialResult:
+    """The trial in this process (one worker) or in `trial.workers` spawned ones; this process owns
+    the run's status, rank 0 of the workers its metrics and exports."""
     dataset = build_data(cfg.data, config_yaml=config_to_yaml(cfg), progress=progress).dataset
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,11 +68,13 @@ def run_trial(
     log(f"run folder {run_dir.resolve()}; MLflow run {tracker.run_id} at {tracker.uri}"
         + (" (resumed)" if tracker.resumed else ""))
     try:
-        result = train(cfg, dataset, run_dir, tracker, device=device, progress=progress, log=log)
-        tracker.log_metrics(result.final, result.steps)
-        export_dir = export_model(result.model, config_to_yaml(cfg), dataset, run_dir / "export")
-        (run_dir / "final_metrics.json").write_text(json.dumps(result.final, indent=1, sort_keys=True))
-        for artifact in (config_path, run_dir / "final_metrics.json"):
+        if cfg.trial.workers == 1:
+            train_worker(cfg, dataset.folder, run_dir, device, progress, tracker)
+        else:
+            spawn(train_worker, cfg.trial.workers, cfg, dataset.folder, run_dir, device, progress, None)
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        tracker.log_metrics(summary["final"], cfg.train.steps)
+        for artifact in (config_path, run_dir / SUMMARY):
             tracker.log_artifact(artifact)
     except NonFiniteLoss as err:
         tracker.finish("FAILED", str(err))
@@ -71,9 +82,35 @@ def run_trial(
     except KeyboardInterrupt:
         tracker.finish("KILLED", "interrupted")
         raise
+    except ProcessRaisedException as err:  # a spawned worker failed: pass on what it raised
+        message = str(err).strip().splitlines()[-1]
+        tracker.finish("FAILED", message)
+        if "NonFiniteLoss" in message:
+            raise NonFiniteLoss(message.split(":", 1)[-1].strip()) from None
+        raise
     except BaseException as err:
         tracker.finish("FAILED", f"{type(err).__name__}: {err}")
         raise
     tracker.finish("FINISHED")
-    return TrialResult(run_dir=run_dir, export_dir=export_dir, mlflow_uri=tracker.uri, mlflow_run_id=tracker.run_id,
-                       resumed_from=result.resumed_from, final=result.final)
+    return TrialResult(run_dir=run_dir, export_dir=run_dir / "export", mlflow_uri=tracker.uri,
+                       mlflow_run_id=tracker.run_id, resumed_from=summary["resumed_from"], final=summary["final"])
+
+
+def train_worker(
+    cfg: ExperimentConfig, dataset_folder: Path, run_dir: Path, device: str, progress: bool,
+    tracker: RunTracker | None,
+) -> None:
+    """One training process (a rank of the trial). Rank 0 logs metrics, exports, writes the summary."""
+    lead = int(os.environ.get("RANK", "0")) == 0
+    if tracker is None:  # a spawned worker: rank 0 continues the run its parent opened
+        tracker = RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params={}) if lead else NullTracker()
+    dataset = Dataset.open(dataset_folder)
+    result = train(cfg, dataset, run_dir, tracker, device=device, progress=progress,
+                   log=print if lead else (lambda _: None))
+    if result.rank != 0:
+        return
+    model = GPT(cfg.model, result.model.vocab_size)  # a plain copy for export, whatever the sharding
+    model.load_state_dict({k[len("model/"):]: v for k, v in result.state.items() if k.startswith("model/")})
+    export_model(model, config_to_yaml(cfg), dataset, run_dir / "export")
+    summary = {"final": result.final, "resumed_from": result.resumed_from}
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True))

@@ -59,10 +59,12 @@ def mlflow_run(run_dir: Path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(dataset_cache, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(dataset_cache, tmp_path, workers):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert cli(tiny(dataset_cache, straight)).wait(timeout=300) == 0
-    proc = cli(tiny(dataset_cache, killed))
+    extra = [f"trial.workers={workers}"]
+    assert cli(tiny(dataset_cache, straight, *extra)).wait(timeout=300) == 0
+    proc = cli(tiny(dataset_cache, killed, *extra))
     deadline = time.time() + 240
     while len(list_checkpoints(killed / "checkpoints")) < 2 and time.time() < deadline:
         time.sleep(0.05)
@@ -70,7 +72,8 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(dataset_cac
     proc.wait(timeout=30)
     steps_done = int(list_checkpoints(killed / "checkpoints")[-1].name.split("-")[1])
     assert steps_done < 40, "the run finished before it could be killed"
-    rerun = cli(tiny(dataset_cache, killed))
+    time.sleep(1)  # spawned workers die with their parent (PR_SET_PDEATHSIG)
+    rerun = cli(tiny(dataset_cache, killed, *extra))
     output = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, output
     assert f"resumed from step {steps_done}" in output

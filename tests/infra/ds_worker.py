@@ -1,0 +1,67 @@
+"""Worker bodies for the DeepSpeed tests: they run in spawned processes (infra.distributed.spawn)."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from infra.engine import DeepSpeedConfig, wrap
+from kernels.topk import keep_count
+from model.config import ModelConfig, SparsityConfig
+from model.gpt import GPT
+from model.sparsity import attach_masks, sparse_tensors
+from pipeline.train import TrainConfig, build_optimizer, train_step
+
+MODEL = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=16)
+SPARSITY = SparsityConfig(density=1 / 16, anneal_start=0.0, anneal_end=0.0)  # at the target from step 1
+TRAIN = TrainConfig(steps=10, batch_size=4, lr=1e-2)
+
+
+def make_engine(kind: str, stage: int):
+    torch.manual_seed(0)
+    model = GPT(MODEL, 80)
+    tensors = sparse_tensors(model, SPARSITY)
+    optimizer = build_optimizer(model, tensors, TRAIN, SPARSITY)
+    engine = wrap(model, optimizer, engine=kind, cfg=DeepSpeedConfig(zero_stage=stage), micro_batch=4, grad_accum=1,
+                  attach_masks=lambda masks: attach_masks(tensors, masks))
+    return engine, tensors
+
+
+def batches(rank: int, world: int, steps: int):
+    gen = torch.Generator().manual_seed(7)
+    data = torch.randint(0, 80, (steps, world * 4, 17), generator=gen)
+    return [data[s, rank * 4 : (rank + 1) * 4] for s in range(steps)]
+
+
+def check_zeros_survive(stage: int, out: str) -> None:
+    """After every step, the fp32 master copy and the module's weights are the same and hold exactly k
+    nonzeros: the projection was not undone by the optimizer's own copy."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    engine, tensors = make_engine("deepspeed", stage)
+    report = []
+    for step, batch in enumerate(batches(rank, world, 5)):
+        if train_step(engine, [batch], step, TRAIN, SPARSITY)["density"] == 1.0:
+            continue  # step 0 is dense: the anneal starts there
+        for t in tensors:
+            master = t.param.detach() if stage == 0 else safe_get_full_fp32_param(t.param)
+            module = engine.full_state()[f"model/{t.name}"] if stage == 3 else t.param.detach()
+            k = keep_count(t.param.numel() if stage != 3 else master.numel(), 1 / 16)
+            assert int(master.count_nonzero()) == k, (stage, step, t.name, int(master.count_nonzero()), k)
+            assert torch.equal(module.reshape(master.shape), master), (stage, step, t.name)
+        report.append(step)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"stage": stage, "steps": report, "world": world}))
+
+
+def final_weights(kind: str, stage: int, out: str) -> None:
+    """Train 6 steps on this rank's share of fixed batches; rank 0 saves the final full state."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    engine, _ = make_engine(kind, stage)
+    for step, batch in enumerate(batches(rank, world, 6)):
+        train_step(engine, [batch], step, TRAIN, SPARSITY)
+    state = engine.full_state()
+    if rank == 0:
+        torch.save({k: v for k, v in state.items() if k.startswith("model/")}, out)
