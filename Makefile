@@ -23,10 +23,10 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
-# The main job. Until the study stage lands (issue 8) this builds the `cpu` study's corpus.
+# The main job. Until the Ray Tune study lands (issue 8) this runs one trial of the `cpu` preset.
 study: setup
-	@echo "make study: the Ray Tune study is not built yet; running its data stage (circuitscale data)"
-	$(BIN)/circuitscale data --config sweeps/configs/cpu.yaml
+	@echo "make study: the Ray Tune grid is not built yet; running one trial of the cpu preset"
+	$(BIN)/circuitscale train --config sweeps/configs/cpu.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -42,7 +42,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], met
     staging.mkdir()
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / STATE_FILE))
-        record = dict(meta, step=step, sha256=_sha256(staging / STATE_FILE))
+        record = dict(meta, step=step, sha256=file_sha256(staging / STATE_FILE))
         _write_synced(staging / META_FILE, json.dumps(record, indent=1, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces it
         os.rename(staging, final)
@@ -78,7 +78,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"meta.json is not valid JSON: {err}") from None
-    if _sha256(state_path) != meta.get("sha256"):
+    if file_sha256(state_path) != meta.get("sha256"):
         raise CheckpointError("state.safetensors does not match its checksum (truncated or corrupt)")
     try:
         tensors = load_file(str(state_path))
@@ -87,7 +87,8 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     return Checkpoint(folder=folder, step=int(meta["step"]), tensors=tensors, meta=meta)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

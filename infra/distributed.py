@@ -81,6 +81,8 @@ def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, args: tu
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     accelerator_env()
+    if not torch.cuda.is_available():  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     fn(*args)
 
 

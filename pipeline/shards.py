@@ -4,7 +4,6 @@ A shard is an uncompressed Arrow IPC file with one `tokens` column (uint16 while
 else uint32) in a single record batch, so a reader maps it and slices it without copying.
 """
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pyarrow.ipc as ipc
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from infra.checkpoint import file_sha256
 from pipeline.errors import DataError
 
 TOKEN_COLUMN = "tokens"
@@ -72,11 +72,3 @@ def verify_shard(path: Path, sha256: str) -> None:
             f"shard {path} is corrupt: sha256 {actual[:12]}... does not match the manifest's "
             f"{sha256[:12]}...; delete its folder and rerun `circuitscale data`"
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

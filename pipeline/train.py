@@ -10,6 +10,7 @@ checkpoint, a progress bar with loss and tokens/s, and every metric to the injec
 
 import functools
 import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,6 +241,7 @@ def train(
                                 keep=t.keep_checkpoints)
     final = _evaluation(model, tensors, val, t.eval_batches, device)
     final["residual_kurtosis"] = residual_kurtosis(model, val.batch(0).to(device))
+    final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak
     return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final, rank=engine.rank,
                        state=engine.full_state())
 
