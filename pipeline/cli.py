@@ -74,6 +74,9 @@ def run_train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
           + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
     print(f"  val_loss {final['val_loss']:.4f}  L0 {final['l0_total']:.0f}  dead neurons {final['dead_neurons']:.0f}"
           f"  residual kurtosis {final['residual_kurtosis']:.2f}")
+    if "task_accuracy_mean" in final:
+        tasks = sum(1 for k in final if k.endswith("/accuracy"))
+        print(f"  tasks: mean accuracy {final['task_accuracy_mean']:.3f} over {tasks} tasks (chance 0.5)")
     print(f"  export: {result.export_dir.resolve()} (safetensors) and {result.export_dir.resolve() / 'paper'}")
     print(f"  MLflow: run {result.mlflow_run_id} at {result.mlflow_uri}")
     return 0

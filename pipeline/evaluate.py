@@ -58,3 +58,24 @@ def residual_kurtosis(model: GPT, batch: torch.Tensor) -> float:
     x = cache[name].double().flatten()
     centred = x - x.mean()
     return float((centred**4).mean() / (centred**2).mean() ** 2 - 3.0)
+
+
+def task_metrics(model: GPT, tokenizer, names: list[str], *, pairs: int = 64, device: str | torch.device = "cpu",
+                 log=print) -> dict[str, float]:
+    """Loss and accuracy of the unpruned model on every expressible task's held-out test pairs
+    (METHOD.md 5; chance accuracy is 0.5). Tasks the tokenizer cannot express are logged and skipped."""
+    from pipeline.tasks import encode_suite, task_scores
+
+    encoded, failures = encode_suite(tokenizer, names, split="test", pairs=pairs)
+    for message in failures.values():
+        log(message)
+    metrics: dict[str, float] = {}
+    pad = tokenizer.get_vocab_size() - 1
+    for name, task in encoded.items():
+        scores = task_scores(model, task, pad_id=pad, context_length=model.cfg.context_length, device=device)
+        metrics[f"task/{name}/loss"] = scores["loss"]
+        metrics[f"task/{name}/accuracy"] = scores["accuracy"]
+    if encoded:
+        accuracies = [v for k, v in metrics.items() if k.endswith("/accuracy")]
+        metrics["task_accuracy_mean"] = sum(accuracies) / len(accuracies)
+    return metrics

@@ -7,6 +7,8 @@ itself lands with the pruning issue.
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.tasks import TASKS
+
 
 @dataclass(kw_only=True, frozen=True)
 class PruneConfig:
@@ -42,3 +44,6 @@ def check_prune_config(cfg: PruneConfig) -> None:
         raise ValueError(f"prune.warmup_frac: must lie in [0, 1], got {cfg.warmup_frac}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise ValueError(f"prune.tasks: lists a task twice: {cfg.tasks}")
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"prune.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")

@@ -16,6 +16,7 @@ from infra.tracking import RunTracker
 from model.gpt import GPT
 from pipeline.config import ExperimentConfig, config_to_yaml, save_config
 from pipeline.data import Dataset, build_data
+from pipeline.evaluate import task_metrics
 from pipeline.export import export_model
 from pipeline.train import NonFiniteLoss, NullTracker, train
 
@@ -112,5 +113,6 @@ def train_worker(
     model = GPT(cfg.model, result.model.vocab_size)  # a plain copy for export, whatever the sharding
     model.load_state_dict({k[len("model/"):]: v for k, v in result.state.items() if k.startswith("model/")})
     export_model(model, config_to_yaml(cfg), dataset, run_dir / "export")
-    summary = {"final": result.final, "resumed_from": result.resumed_from}
+    final = result.final | task_metrics(model, dataset.tokenizer(), list(cfg.prune.tasks))
+    summary = {"final": final, "resumed_from": result.resumed_from}
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True))

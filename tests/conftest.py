@@ -41,3 +41,10 @@ def small_config(corpus: Path, cache: Path, *extra: str) -> ExperimentConfig:
 def small_dataset(small_corpus, tmp_path_factory) -> DataResult:
     cfg = small_config(small_corpus, tmp_path_factory.mktemp("cache"), "data.shard_tokens=20000")
     return build_data(cfg.data, progress=False)
+
+
+@pytest.fixture(scope="session")
+def stdlib_dataset(tmp_path_factory) -> DataResult:
+    """The default corpus and tokenizer (the running interpreter's standard library, vocab 2048)."""
+    cfg = resolve_config(None, [f"data.cache_dir={tmp_path_factory.mktemp('stdlib')}"])
+    return build_data(cfg.data, progress=False)

@@ -7,6 +7,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from pipeline import data as data_stage
+from pipeline.config import resolve_config
 from pipeline.corpus import collect_documents
 from pipeline.data import Dataset, build_data, split_documents
 from pipeline.errors import DataError
@@ -117,16 +118,15 @@ def test_dataset_open_rejects_other_folders(tmp_path):
 
 
 @pytest.mark.slow
-def test_stdlib_corpus_learns_the_punctuation_tokens(tmp_path_factory):
+def test_stdlib_corpus_learns_the_punctuation_tokens(stdlib_dataset):
     """The default corpus (METHOD.md 8: ~31.5 MB, ~10.3M tokens at 3.04 bytes/token)."""
-    cfg = small_config("python:stdlib", tmp_path_factory.mktemp("stdlib"), "data.vocab_size=2048",
-                       "data.val_fraction=0.05")
-    result = build_data(cfg.data, progress=False)
+    result = stdlib_dataset
+    cfg = resolve_config(None, [f"data.cache_dir={result.dataset.folder.parent}"])
     m = result.dataset.manifest
     tokens = sum(s["tokens"] for s in m["splits"].values())
     assert 8e6 < tokens < 14e6
     tok = result.dataset.tokenizer()
-    for text in ['("', "('", "]\n", "],", "]]\n"]:
+    for text in ['("', "('", "]\n", "],", "]]\n", " enumerate"]:
         assert len(tok.encode(text).ids) == 1, text
     assert json.loads((result.dataset.folder / "manifest.json").read_text())["tokenizer"]["eot_id"] == 2047
     assert build_data(cfg.data, progress=False).reused

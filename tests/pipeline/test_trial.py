@@ -134,6 +134,8 @@ def test_metrics_and_exports(dataset_cache, tmp_path):
     run = mlflow_run(result.run_dir)
     assert run.info.status == "FINISHED" and run.data.params["model.d_model"] == "64"
     assert math.isfinite(run.data.metrics["residual_kurtosis"])
+    accuracies = [v for k, v in run.data.metrics.items() if k.startswith("task/") and k.endswith("/accuracy")]
+    assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)  # per-task scores of the unpruned model
     # our export reloads into the same model
     model = GPT(cfg.model, 512)
     model.load_state_dict(load_file(str(result.export_dir / "model.safetensors")))

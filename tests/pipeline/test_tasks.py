@@ -1,0 +1,90 @@
+import difflib
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.gpt import GPT
+from pipeline.config import resolve_config
+from pipeline.errors import ConfigError
+from pipeline.tasks import NAMES, TASKS, TaskError, encode_suite, encode_task, split_vocab, task_scores
+
+METHOD_TASKS = ["single_double_quote", "final_kwarg", "set_or_string", "set_or_string_fixedvarname", "class_init",
+                "with_as", "bracket_brace", "with_open", "bracket_counting", "for_while", "else_elif",
+                "fstring_brace", "if_ternary", "var_swap", "indent_for", "lambda_func", "if_equals",
+                "enumerate_range", "var_if", "while_return_true"]
+
+
+def test_the_twenty_tasks_of_the_method():
+    assert sorted(TASKS) == sorted(METHOD_TASKS)
+
+
+@pytest.mark.parametrize("name", METHOD_TASKS)
+def test_pairs_differ_only_in_a_short_cue_and_are_deterministic(name):
+    import random
+
+    task = TASKS[name]
+    a = [task.generate(random.Random(3), split_vocab("train")) for _ in range(20)]
+    b = [task.generate(random.Random(3), split_vocab("train")) for _ in range(20)]
+    assert a == b
+    for pair in a:
+        ops = difflib.SequenceMatcher(a=pair.prompts[0], b=pair.prompts[1], autojunk=False).get_opcodes()
+        changed = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in ops if tag != "equal")
+        assert 0 < changed <= 40, (name, pair.prompts)  # var_swap swaps two names: the longest cue
+        assert pair.answers[0] != pair.answers[1]
+
+
+@pytest.mark.parametrize("name", METHOD_TASKS)
+def test_train_and_test_prompts_share_no_names(name):
+    import random
+
+    test_half = set(split_vocab("test").names) | set(split_vocab("test").funcs)
+    rng = random.Random(0)
+    for _ in range(30):
+        pair = TASKS[name].generate(rng, split_vocab("train"))
+        words = set(re.findall(r"[A-Za-z_]+", " ".join(pair.prompts + pair.answers)))
+        assert not words & test_half, (name, words & test_half)
+    assert not set(split_vocab("train").names) & set(split_vocab("test").names)
+    assert len(split_vocab("train").names) + len(split_vocab("test").names) == len(NAMES)
+
+
+@pytest.mark.slow
+def test_every_task_is_expressible_under_the_default_tokenizer(stdlib_dataset):
+    tokenizer = stdlib_dataset.dataset.tokenizer()
+    encoded, failures = encode_suite(tokenizer, None, split="test", pairs=16)
+    assert failures == {}
+    for task in encoded.values():
+        assert len(task.prompts) == 32 and task.candidates.shape == (32, 2)
+        assert (task.candidates[0::2, 0] == task.candidates[1::2, 1]).all()  # the pair swaps its answers
+
+
+def test_an_inexpressible_task_names_its_token(small_dataset):
+    tokenizer = small_dataset.dataset.tokenizer()  # vocab 512 from a small corpus: ` range` is no token
+    with pytest.raises(TaskError, match=r"candidate\(s\) ' (range|enumerate)'"):
+        encode_task(TASKS["enumerate_range"], tokenizer, split="train", pairs=8)
+    encoded, failures = encode_suite(tokenizer, ["enumerate_range", "if_equals"], split="train", pairs=8)
+    assert "enumerate_range" in failures and "if_equals" in encoded  # the others still run
+
+
+def test_unknown_task_is_a_config_error():
+    with pytest.raises(ConfigError, match="prune.tasks: unknown task"):
+        resolve_config(None, ["prune.tasks=[for_while, no_such_task]"])
+
+
+def test_scores_are_binary_cross_entropy_at_the_last_position(small_dataset):
+    tokenizer = small_dataset.dataset.tokenizer()
+    task = encode_task(TASKS["if_equals"], tokenizer, split="train", pairs=6)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=32, num_layers=1, d_head=8, context_length=64), tokenizer.get_vocab_size())
+    scores = task_scores(model, task, pad_id=0, context_length=64, batch_size=5)  # batches mix lengths
+    losses, hits = [], []
+    with torch.no_grad():
+        for prompt, (good, bad) in zip(task.prompts, task.candidates.tolist(), strict=True):
+            logits = model(torch.tensor([prompt]))[0, -1]
+            pair = torch.stack([logits[good], logits[bad]])
+            losses.append(-F.log_softmax(pair, dim=0)[0])
+            hits.append(float(logits[good] > logits[bad]))
+    assert scores["loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    assert scores["accuracy"] == pytest.approx(sum(hits) / len(hits))
