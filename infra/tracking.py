@@ -78,6 +78,9 @@ class RunTracker:
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
+    def log_artifacts(self, folder: Path, under: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), under)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

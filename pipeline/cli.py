@@ -7,6 +7,7 @@ with one line on a user error (bad config, bad input); bugs keep their traceback
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from pipeline.config import ExperimentConfig, config_to_yaml, resolve_config
 from pipeline.data import DataResult, build_data
@@ -17,7 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        cfg = resolve_config(args.config, args.overrides)
+        config = args.config
+        if getattr(args, "takes_run", False):
+            runs = [x for x in args.overrides if "=" not in x]
+            if len(runs) != 1:
+                raise UserError("prune: name exactly one run folder (written by `circuitscale train`)")
+            args.run_dir, args.overrides = runs[0], [x for x in args.overrides if "=" in x]
+            if not (Path(args.run_dir) / "config.yaml").is_file():
+                raise UserError(f"prune: {args.run_dir} is not a run folder (no config.yaml)")
+            config = config or str(Path(args.run_dir) / "config.yaml")  # the run's own resolved config
+        cfg = resolve_config(config, args.overrides)
         return args.run(cfg, args)
     except UserError as err:
         print(f"circuitscale: error: {err}", file=sys.stderr)
@@ -39,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(train)
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     train.set_defaults(run=run_train)
+    prune = verbs.add_parser("prune", help="prune a trained run's model to a circuit per task",
+                             usage="circuitscale prune [--config FILE] [--no-progress] RUN [KEY=VALUE ...]")
+    _common(prune)  # RUN (a folder written by `circuitscale train`) is the one argument without '='
+    prune.set_defaults(takes_run=True)
+    prune.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    prune.set_defaults(run=run_prune)
     return parser
 
 
@@ -79,6 +95,31 @@ def run_train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         print(f"  tasks: mean accuracy {final['task_accuracy_mean']:.3f} over {tasks} tasks (chance 0.5)")
     print(f"  export: {result.export_dir.resolve()} (safetensors) and {result.export_dir.resolve() / 'paper'}")
     print(f"  MLflow: run {result.mlflow_run_id} at {result.mlflow_uri}")
+    return 0
+
+
+def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.trial import prune_run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    result = prune_run(Path(args.run_dir), cfg, device=device, progress=not args.no_progress)
+    print(f"circuits in {result.folder.resolve()} (target loss {cfg.prune.target_loss})")
+    print(f"  {'task':28s} {'unpruned':>8s} {'nodes':>6s} {'edges':>6s} {'suff':>6s} {'nec':>6s} {'random':>6s} "
+          f"{'attr.edges':>10s} {'s':>5s}")
+    for name, r in result.records.items():
+        if r.status == "found":
+            attr = "-" if r.attribution_edges is None else str(r.attribution_edges)
+            print(f"  {name:28s} {r.unpruned_loss:8.3f} {len(r.nodes):6d} {r.edges:6d} {r.sufficiency_loss:6.3f} "
+                  f"{r.necessity_loss:6.3f} {r.random_loss:6.3f} {attr:>10s} {r.seconds:5.0f}")
+        else:
+            print(f"  {name:28s} {r.unpruned_loss:8.3f}  target unreachable by the whole model {r.seconds:14.0f}")
+    for name, message in result.failures.items():
+        print(f"  {name:28s} not expressible: {message}")
+    if result.edges_geomean is not None:
+        print(f"  geometric mean of circuit edges: {result.edges_geomean:.1f}")
     return 0
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.gpt import GPT
-from model.graph import KeptNodes, Location, all_kept, count_edges, hook_name, locations
+from model.graph import KeptNodes, Location, all_kept, count_edges, edge_list, hook_name, locations
 from model.hooks import intervene, record
 from pipeline.records import CircuitRecord
 from pipeline.tasks import TASKS, EncodedTask, last_logits
@@ -35,7 +35,9 @@ class PruneConfig:
     warmup_frac: float = 0.05
     temperature: float = 1.0
     steps: int = 1000
-    batch_pairs: int = 64
+    batch_pairs: int = 64  # METHOD.md 4: 64 task pairs per mask-training batch
+    pairs: int = 64  # pairs drawn per task for training the masks, and again (held out) for validation
+    mean_batches: int = 16  # pretraining batches averaged for the node means
     mean_pooling: Literal["pooled", "per_position"] = "pooled"  # METHOD.md 4 leaves it open
 
 
@@ -48,7 +50,7 @@ def check_prune_config(cfg: PruneConfig) -> None:
         value = getattr(cfg, key)
         if value < 0:
             raise ValueError(f"prune.{key}: must be >= 0, got {value}")
-    for key in ("steps", "batch_pairs"):
+    for key in ("steps", "batch_pairs", "pairs", "mean_batches"):
         value = getattr(cfg, key)
         if value < 1:
             raise ValueError(f"prune.{key}: must be a positive integer, got {value}")
@@ -250,12 +252,16 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
     for p in model.parameters():
         p.requires_grad_(False)
     unpruned = circuit_loss(model, test, all_kept(model), means, pad_id, device, calibrate=False)
+    record = CircuitRecord(task=train.name, target_loss=cfg.target_loss, unpruned_loss=unpruned,
+                           total_nodes=sum(locations(model).values()))
+    if circuit_loss(model, train, all_kept(model), means, pad_id, device) > cfg.target_loss:
+        record.status = "unreachable"  # not even the whole (calibrated) model reaches the target
+        record.seconds = time.perf_counter() - start
+        return record
     mask = learn_masks(model, train, means, cfg, pad_id=pad_id, device=device, seed=seed, progress=progress)
     ranking = mask.ranking()
     found = bisect_k(model, train, ranking, means, cfg.target_loss, pad_id, device)
     tokens = sorted(set(train.candidates.flatten().tolist()))
-    record = CircuitRecord(task=train.name, target_loss=cfg.target_loss, unpruned_loss=unpruned,
-                           total_nodes=len(ranking))
     if found is None:
         record.status = "unreachable"
     else:
@@ -271,5 +277,60 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
         record.necessity_loss = circuit_loss(model, test, complement, means, pad_id, device, calibrate=False)
         record.random_loss = circuit_loss(model, test, random_kept, means, pad_id, device)
         record.random_edges = count_edges(model, random_kept, output_tokens=tokens)
+    record.attribution_edges = attribution_edges(model, train, means, cfg.target_loss, pad_id=pad_id, device=device)
     record.seconds = time.perf_counter() - start
     return record
+
+
+def attribution_ranking(model: GPT, task: EncodedTask, means, *, pad_id: int, device="cpu"
+                        ) -> list[tuple[Location, int]]:
+    """The baseline METHOD.md 4 compares against: rank nodes by the first-order estimate of what
+    mean-ablating each one does to the task loss, |dL/dgate| at gate = 1 (attribution patching)."""
+    gates = {loc: torch.ones(size, device=device, requires_grad=True) for loc, size in locations(model).items()}
+    rows = torch.arange(len(task.prompts))
+    bce(pair_logits(model, task, rows, gates, means, pad_id, device)).backward()
+    scores = torch.cat([gates[loc].grad.abs() for loc in gates])
+    index = [(loc, i) for loc, size in locations(model).items() for i in range(size)]
+    return [index[j] for j in torch.argsort(-scores, stable=True).tolist()]
+
+
+def attribution_edges(model: GPT, task: EncodedTask, means, target: float, *, pad_id: int, device="cpu"
+                      ) -> int | None:
+    """Edges of the smallest attribution-ranked circuit reaching `target` (None if none does)."""
+    ranking = attribution_ranking(model, task, means, pad_id=pad_id, device=device)
+    found = bisect_k(model, task, ranking, means, target, pad_id, device)
+    if found is None:
+        return None
+    tokens = sorted(set(task.candidates.flatten().tolist()))
+    return count_edges(model, kept_top(model, ranking, found[0]), output_tokens=tokens)
+
+
+def overlap(model: GPT, records: dict[str, CircuitRecord]) -> dict[str, dict[str, dict[str, float]]]:
+    """Task x task overlap of found circuits: Jaccard index of their node sets and of their edge sets
+    (the paper's claim: different tasks use different circuits)."""
+    nodes, edges = {}, {}
+    for name, rec in records.items():
+        if rec.status != "found":
+            continue
+        nodes[name] = {tuple(n) for n in rec.nodes}
+        kept = {loc: torch.zeros(size, dtype=torch.bool) for loc, size in locations(model).items()}
+        for layer, kind, i in rec.nodes:
+            kept[(layer, kind)][i] = True
+        edges[name] = {e for e in edge_list(model, kept) if e[1].kind != "logit"}  # shared internal edges
+
+    def jaccard(a: set, b: set) -> float:
+        return len(a & b) / len(a | b) if a | b else 0.0
+
+    names = list(nodes)
+    return {
+        "nodes": {a: {b: jaccard(nodes[a], nodes[b]) for b in names} for a in names},
+        "edges": {a: {b: jaccard(edges[a], edges[b]) for b in names} for a in names},
+    }
+
+
+def geometric_mean_edges(records: dict[str, CircuitRecord]) -> float | None:
+    """The study's interpretability metric (METHOD.md 4) over the tasks whose circuit was found."""
+    found = [max(r.edges, 1) for r in records.values() if r.status == "found"]
+    if not found:
+        return None
+    return float(torch.tensor(found, dtype=torch.float64).log().mean().exp())

@@ -21,6 +21,7 @@ class CircuitRecord:
     necessity_loss: float | None = None  # only the circuit mean-ablated
     random_loss: float | None = None  # a random circuit of the same size (calibrated)
     random_edges: int | None = None
+    attribution_edges: int | None = None  # the gradient-attribution baseline at the same target
     seconds: float = 0.0
 
     def save(self, path: Path) -> None:

@@ -9,15 +9,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import load_file
 from torch.multiprocessing import ProcessRaisedException
+from tqdm.auto import tqdm
 
 from infra.distributed import spawn
 from infra.tracking import RunTracker
 from model.gpt import GPT
 from pipeline.config import ExperimentConfig, config_to_yaml, save_config
 from pipeline.data import Dataset, build_data
+from pipeline.errors import UserError
 from pipeline.evaluate import task_metrics
 from pipeline.export import export_model
+from pipeline.loader import TokenLoader
+from pipeline.prune import geometric_mean_edges, node_means, overlap, prune_task
+from pipeline.records import CircuitRecord
+from pipeline.tasks import encode_suite
 from pipeline.train import NonFiniteLoss, NullTracker, train
 
 SUMMARY = "final_metrics.json"
@@ -116,3 +123,68 @@ def train_worker(
     final = result.final | task_metrics(model, dataset.tokenizer(), list(cfg.prune.tasks))
     summary = {"final": final, "resumed_from": result.resumed_from}
     (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    folder: Path
+    records: dict[str, CircuitRecord]
+    failures: dict[str, str]  # tasks the tokenizer cannot express
+    overlap: dict
+    edges_geomean: float | None
+
+
+def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = True,
+              log: Callable[[str], None] = print) -> PruneResult:
+    """Prune every task (or prune.tasks) in the trained model of `run_dir`; records and the overlap
+    matrix go to run_dir/circuits/ and to the run's MLflow run."""
+    weights = run_dir / "export" / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{run_dir} holds no trained model ({weights} is missing); run `circuitscale train` first")
+    dataset = build_data(cfg.data, progress=False).dataset
+    tokenizer = dataset.tokenizer()
+    model = GPT(cfg.model, tokenizer.get_vocab_size(), device=device)
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    loader = TokenLoader(dataset, split="train", batch_size=cfg.train.batch_size,
+                         context_length=cfg.model.context_length, seed=cfg.train.seed)
+    means = node_means(model, loader, cfg.prune.mean_batches, cfg.prune.mean_pooling, device)
+    train_tasks, failures = encode_suite(tokenizer, list(cfg.prune.tasks), split="train", pairs=cfg.prune.pairs)
+    test_tasks, _ = encode_suite(tokenizer, list(train_tasks), split="test", pairs=cfg.prune.pairs)
+    for message in failures.values():
+        log(message)
+    folder = run_dir / "circuits"
+    folder.mkdir(exist_ok=True)
+    tracker = RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params={})
+    records: dict[str, CircuitRecord] = {}
+    pad = tokenizer.get_vocab_size() - 1
+    try:
+        for name in tqdm(train_tasks, desc="pruning tasks", disable=not progress):
+            record = prune_task(model, train_tasks[name], test_tasks[name], means, cfg.prune, pad_id=pad,
+                                device=device, seed=cfg.train.seed, progress=progress)
+            record.save(folder / f"{name}.json")
+            records[name] = record
+            tracker.log_metrics(_circuit_metrics(record), cfg.train.steps)
+        overlaps = overlap(model, records)
+        geomean = geometric_mean_edges(records)
+        (folder / "overlap.json").write_text(json.dumps(overlaps, indent=1))
+        if geomean is not None:
+            tracker.log_metrics({"circuit_edges_geomean": geomean}, cfg.train.steps)
+        tracker.log_artifacts(folder, "circuits")
+    except BaseException as err:
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"pruning: {err}")
+        raise
+    tracker.finish("FINISHED")
+    return PruneResult(folder, records, failures, overlaps, geomean)
+
+
+def _circuit_metrics(record: CircuitRecord) -> dict[str, float]:
+    prefix = f"circuit/{record.task}"
+    metrics = {f"{prefix}/unpruned_loss": record.unpruned_loss, f"{prefix}/seconds": record.seconds}
+    if record.status == "found":
+        metrics |= {f"{prefix}/nodes": float(len(record.nodes)), f"{prefix}/edges": float(record.edges),
+                    f"{prefix}/sufficiency_loss": record.sufficiency_loss,
+                    f"{prefix}/necessity_loss": record.necessity_loss, f"{prefix}/random_loss": record.random_loss}
+        if record.attribution_edges is not None:
+            metrics[f"{prefix}/attribution_edges"] = float(record.attribution_edges)
+    return metrics

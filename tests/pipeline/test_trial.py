@@ -174,3 +174,29 @@ def paper_forward(cfg: dict, sd: dict, idx: torch.Tensor) -> torch.Tensor:
     if cfg["enable_bigram_table"]:
         logits = logits + sd["bigram_table"][idx]
     return logits
+
+
+def test_prune_verb_on_a_trained_run(dataset_cache, tmp_path, capsys):
+    from pipeline.cli import main
+
+    cfg = resolve_config(None, tiny(dataset_cache, tmp_path / "run", "train.steps=5"))
+    run_trial(cfg, progress=False, log=lambda _: None)
+    code = main(["prune", "--no-progress", str(tmp_path / "run"), "prune.tasks=[if_equals, while_return_true]",
+                 "prune.steps=5", "prune.pairs=4", "prune.target_loss=5.0", "prune.mean_batches=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "if_equals" in out and "geometric mean of circuit edges" in out
+    circuits = tmp_path / "run" / "circuits"
+    record = json.loads((circuits / "if_equals.json").read_text())
+    assert record["status"] == "found" and record["sufficiency_loss"] <= 5.0
+    matrix = json.loads((circuits / "overlap.json").read_text())
+    assert matrix["nodes"]["if_equals"]["if_equals"] in (0.0, 1.0)
+    run = mlflow_run(tmp_path / "run")
+    assert "circuit/if_equals/edges" in run.data.metrics and run.info.status == "FINISHED"
+
+
+def test_prune_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["prune", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
