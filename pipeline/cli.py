@@ -105,7 +105,15 @@ def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    result = prune_run(Path(args.run_dir), cfg, device=device, progress=not args.no_progress)
+    run_dir = Path(args.run_dir)
+    search = None
+    if cfg.prune.search_runs > 1:  # the search lives with the other Ray code, under sweeps/
+        from sweeps.prune_search import search_prune
+
+        def search(task: str):
+            return search_prune(run_dir, cfg, task, cfg.prune.search_runs, storage=run_dir / "prune_search").best
+
+    result = prune_run(run_dir, cfg, device=device, progress=not args.no_progress, search=search)
     print(f"circuits in {result.folder.resolve()} (target loss {cfg.prune.target_loss})")
     print(f"  {'task':28s} {'unpruned':>8s} {'nodes':>6s} {'edges':>6s} {'suff':>6s} {'nec':>6s} {'random':>6s} "
           f"{'attr.edges':>10s} {'s':>5s}")

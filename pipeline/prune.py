@@ -3,9 +3,9 @@
 Per task: node means over pretraining data; masks (one tau per node; hard step forward, sigmoid
 surrogate backward) trained on task cross-entropy + k_coef x kept nodes; nodes ranked by tau and k
 bisected to the smallest circuit whose calibrated loss reaches the target; then validation on held-out
-pairs (sufficiency, necessity, a random circuit of the same size) and edges counted on the node graph.
-The defaults are the paper's search centres. Not yet here: the Ray Tune search over these settings,
-the attribution baseline, the overlap matrix, the HTML viewer and the `prune` verb.
+pairs (sufficiency, necessity, a random circuit of the same size, the attribution baseline) and edges
+counted on the node graph. The defaults are the paper's search centres; `prune.search_runs` > 1
+searches around them with Ray Tune (sweeps/prune_search.py). Not yet here: the HTML viewer.
 """
 
 import time
@@ -39,6 +39,9 @@ class PruneConfig:
     pairs: int = 64  # pairs drawn per task for training the masks, and again (held out) for validation
     mean_batches: int = 16  # pretraining batches averaged for the node means
     mean_pooling: Literal["pooled", "per_position"] = "pooled"  # METHOD.md 4 leaves it open
+    # Pruning runs per task: 1 = the settings above; more = a Ray Tune search around them
+    # (sweeps/prune_search.py). The paper spent 256 runs per (model, task).
+    search_runs: int = 1
 
 
 def check_prune_config(cfg: PruneConfig) -> None:
@@ -50,7 +53,7 @@ def check_prune_config(cfg: PruneConfig) -> None:
         value = getattr(cfg, key)
         if value < 0:
             raise ValueError(f"prune.{key}: must be >= 0, got {value}")
-    for key in ("steps", "batch_pairs", "pairs", "mean_batches"):
+    for key in ("steps", "batch_pairs", "pairs", "mean_batches", "search_runs"):
         value = getattr(cfg, key)
         if value < 1:
             raise ValueError(f"prune.{key}: must be a positive integer, got {value}")

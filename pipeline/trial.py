@@ -135,20 +135,12 @@ class PruneResult:
 
 
 def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = True,
-              log: Callable[[str], None] = print) -> PruneResult:
+              log: Callable[[str], None] = print,
+              search: Callable[[str], CircuitRecord | None] | None = None) -> PruneResult:
     """Prune every task (or prune.tasks) in the trained model of `run_dir`; records and the overlap
-    matrix go to run_dir/circuits/ and to the run's MLflow run."""
-    weights = run_dir / "export" / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{run_dir} holds no trained model ({weights} is missing); run `circuitscale train` first")
-    dataset = build_data(cfg.data, progress=False).dataset
-    tokenizer = dataset.tokenizer()
-    model = GPT(cfg.model, tokenizer.get_vocab_size(), device=device)
-    model.load_state_dict(load_file(str(weights)))
-    model.eval()
-    loader = TokenLoader(dataset, split="train", batch_size=cfg.train.batch_size,
-                         context_length=cfg.model.context_length, seed=cfg.train.seed)
-    means = node_means(model, loader, cfg.prune.mean_batches, cfg.prune.mean_pooling, device)
+    matrix go to run_dir/circuits/ and to the run's MLflow run. `search(task)`, when given, returns
+    the best circuit of a settings search (None if no setting reached the target)."""
+    model, tokenizer, means = load_for_pruning(run_dir, cfg, device)
     train_tasks, failures = encode_suite(tokenizer, list(cfg.prune.tasks), split="train", pairs=cfg.prune.pairs)
     test_tasks, _ = encode_suite(tokenizer, list(train_tasks), split="test", pairs=cfg.prune.pairs)
     for message in failures.values():
@@ -160,8 +152,10 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
     pad = tokenizer.get_vocab_size() - 1
     try:
         for name in tqdm(train_tasks, desc="pruning tasks", disable=not progress):
-            record = prune_task(model, train_tasks[name], test_tasks[name], means, cfg.prune, pad_id=pad,
-                                device=device, seed=cfg.train.seed, progress=progress)
+            record = search(name) if search is not None else None
+            if record is None:
+                record = prune_task(model, train_tasks[name], test_tasks[name], means, cfg.prune, pad_id=pad,
+                                    device=device, seed=cfg.train.seed, progress=progress)
             record.save(folder / f"{name}.json")
             records[name] = record
             tracker.log_metrics(_circuit_metrics(record), cfg.train.steps)
@@ -176,6 +170,22 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
         raise
     tracker.finish("FINISHED")
     return PruneResult(folder, records, failures, overlaps, geomean)
+
+
+def load_for_pruning(run_dir: Path, cfg: ExperimentConfig, device: str = "cpu"):
+    """The run's trained model (eval mode, frozen), its tokenizer, and the node means pruning ablates to."""
+    weights = run_dir / "export" / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{run_dir} holds no trained model ({weights} is missing); run `circuitscale train` first")
+    dataset = build_data(cfg.data, progress=False).dataset
+    tokenizer = dataset.tokenizer()
+    model = GPT(cfg.model, tokenizer.get_vocab_size(), device=device)
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    loader = TokenLoader(dataset, split="train", batch_size=cfg.train.batch_size,
+                         context_length=cfg.model.context_length, seed=cfg.train.seed)
+    means = node_means(model, loader, cfg.prune.mean_batches, cfg.prune.mean_pooling, device)
+    return model, tokenizer, means
 
 
 def _circuit_metrics(record: CircuitRecord) -> dict[str, float]:

@@ -1,0 +1,83 @@
+"""Search over circuit-pruning settings for one (model, task), through Ray Tune.
+
+The paper tuned every (model, task) with a Bayesian search (CARBS, 32 iterations x 8 runs, METHOD.md
+4). This runs `budget` trials of `prune_task`: the first at the paper's search centres (the config's
+prune settings), the rest sampled around them (log-uniform, a decade each way; seeded), and keeps
+the circuit with the fewest edges among those that reach the target.
+"""
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from pipeline.config import ExperimentConfig
+from pipeline.records import CircuitRecord
+
+SEARCHED = ("k_coef", "lr", "temperature", "weight_decay")
+RECORD = "circuit.json"
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    task: str
+    best: CircuitRecord | None  # None: no trial reached the target
+    best_settings: dict[str, float]
+    trials: list[dict]  # settings and outcome of every trial
+
+
+def search_space(cfg: ExperimentConfig) -> dict:
+    centres = {key: getattr(cfg.prune, key) for key in SEARCHED}
+    return {key: tune.loguniform(value / 10, value * 10) for key, value in centres.items()}
+
+
+def _trial(config: dict) -> None:
+    from pipeline.prune import prune_task
+    from pipeline.tasks import TASKS, encode_task
+    from pipeline.trial import load_for_pruning
+
+    cfg = config["cfg"]
+    prune_cfg = replace(cfg.prune, **{k: config[k] for k in SEARCHED})
+    model, tokenizer, means = load_for_pruning(Path(config["run_dir"]), cfg)
+    task = TASKS[config["task"]]
+    train = encode_task(task, tokenizer, split="train", pairs=prune_cfg.pairs, seed=cfg.train.seed)
+    test = encode_task(task, tokenizer, split="test", pairs=prune_cfg.pairs, seed=cfg.train.seed)
+    record = prune_task(model, train, test, means, prune_cfg, pad_id=tokenizer.get_vocab_size() - 1,
+                        seed=cfg.train.seed)
+    found = record.status == "found"
+    record.save(Path(tune.get_context().get_trial_dir()) / RECORD)  # the full record beside the trial
+    tune.report({"edges": float(record.edges) if found else math.inf, "found": found})
+
+
+def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *, storage: Path) -> SearchResult:
+    """Run `budget` pruning trials for `task` on the trained model in `run_dir` (a local Ray by
+    default, the cluster when RAY_ADDRESS is set)."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV per trial
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    centres = {key: getattr(cfg.prune, key) for key in SEARCHED}
+    space = search_space(cfg) | {"cfg": cfg, "run_dir": str(run_dir.resolve()), "task": task}
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, {"cpu": 1}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            num_samples=budget,
+            search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=[centres], random_state=cfg.train.seed),
+        ),
+        run_config=tune.RunConfig(name=f"prune-{task}", storage_path=str(storage.resolve()), verbose=0),
+    )
+    grid = tuner.fit()
+    trials, best, best_settings = [], None, {}
+    for result in grid:
+        path = Path(result.path) / RECORD
+        if result.error is not None or not path.is_file():
+            continue
+        settings = {key: result.config[key] for key in SEARCHED}
+        record = CircuitRecord.load(path)
+        trials.append({**settings, "status": record.status, "edges": record.edges})
+        if record.status == "found" and (best is None or record.edges < best.edges):
+            best, best_settings = record, settings
+    return SearchResult(task=task, best=best, best_settings=best_settings, trials=trials)

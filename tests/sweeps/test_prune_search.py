@@ -1,0 +1,51 @@
+import pytest
+
+from pipeline.config import resolve_config
+from pipeline.trial import run_trial
+
+
+@pytest.mark.slow
+def test_search_keeps_the_smallest_circuit_and_starts_at_the_centres(small_dataset, small_corpus, tmp_path):
+    import ray
+
+    from sweeps.prune_search import SEARCHED, search_prune
+
+    cfg = resolve_config(None, [
+        f"data.sources=[{small_corpus}]", f"data.cache_dir={small_dataset.dataset.folder.parent}",
+        "data.vocab_size=512", "data.val_fraction=0.2", "data.shard_tokens=20000", "model.d_model=32",
+        "model.num_layers=1", "model.d_head=8", "model.context_length=32", "train.batch_size=4", "train.steps=3",
+        "train.eval_batches=1", f"train.run_dir={tmp_path / 'run'}", "prune.steps=3", "prune.pairs=4",
+        "prune.target_loss=5.0", "prune.mean_batches=1",
+    ])
+    run_trial(cfg, progress=False, log=lambda _: None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = search_prune(tmp_path / "run", cfg, "if_equals", budget=3, storage=tmp_path / "tune")
+    finally:
+        ray.shutdown()
+    assert len(result.trials) == 3
+    assert any(all(t[k] == getattr(cfg.prune, k) for k in SEARCHED) for t in result.trials)  # the centres
+    found = [t["edges"] for t in result.trials if t["status"] == "found"]
+    assert result.best is not None and result.best.edges == min(found)
+
+
+@pytest.mark.slow
+def test_prune_verb_searches_when_asked(small_dataset, small_corpus, tmp_path, capsys):
+    from pipeline.cli import main
+
+    args = [f"data.sources=[{small_corpus}]", f"data.cache_dir={small_dataset.dataset.folder.parent}",
+            "data.vocab_size=512", "data.val_fraction=0.2", "data.shard_tokens=20000", "model.d_model=32",
+            "model.num_layers=1", "model.d_head=8", "model.context_length=32", "train.batch_size=4",
+            "train.steps=3", "train.eval_batches=1", f"train.run_dir={tmp_path / 'run'}"]
+    run_trial(resolve_config(None, args), progress=False, log=lambda _: None)
+    import ray
+
+    try:
+        code = main(["prune", "--no-progress", str(tmp_path / "run"), "prune.tasks=[if_equals]",
+                     "prune.search_runs=2", "prune.steps=3", "prune.pairs=4", "prune.target_loss=5.0",
+                     "prune.mean_batches=1"])
+    finally:
+        ray.shutdown()
+    assert code == 0, capsys.readouterr()
+    assert (tmp_path / "run" / "circuits" / "if_equals.json").is_file()
+    assert list((tmp_path / "run" / "prune_search").glob("prune-if_equals/*/circuit.json"))
