@@ -136,3 +136,24 @@ def _edge_blocks(
 def _weight_mask(weight: torch.Tensor, kept_in: torch.Tensor, kept_out: torch.Tensor) -> torch.Tensor:
     """mask[out, in]: the weight is nonzero and both ends are kept."""
     return (weight != 0) & kept_out[:, None] & kept_in[None, :]
+
+
+@torch.no_grad()
+def edge_weight(model: GPT, source: Node, target: Node) -> float:
+    """The weight an edge stands for: the read's norm gain for a residual edge, else the matrix entry
+    (for the unembedding, target.index is the token id)."""
+    if target.kind in ("attn_in", "mlp_in", "final"):
+        if target.kind == "final":
+            norm = model.transformer["ln_f"]
+        else:
+            block = model.transformer["h"][target.layer]
+            norm = block.ln_1 if target.kind == "attn_in" else block.ln_2
+        return float(norm.weight[target.index])
+    if target.kind == "logit":
+        return float(model.lm_head.weight[target.index, source.index])
+    block = model.transformer["h"][target.layer]
+    if target.kind in ("q", "k", "v"):
+        offset = ("q", "k", "v").index(target.kind) * model.cfg.d_model
+        return float(block.attn.c_attn.weight[offset + target.index, source.index])
+    matrix = {"attn_out": block.attn.c_proj, "mlp_neuron": block.mlp.c_fc, "mlp_out": block.mlp.c_proj}[target.kind]
+    return float(matrix.weight[target.index, source.index])

@@ -18,7 +18,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.gpt import GPT
-from model.graph import KeptNodes, Location, all_kept, count_edges, edge_list, hook_name, locations
+from model.graph import (
+    KeptNodes,
+    Location,
+    all_kept,
+    count_edges,
+    edge_list,
+    edge_weight,
+    hook_name,
+    locations,
+)
 from model.hooks import intervene, record
 from pipeline.records import CircuitRecord
 from pipeline.tasks import TASKS, EncodedTask, last_logits
@@ -274,8 +283,10 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
         gen = torch.Generator().manual_seed(seed + 1)
         random_kept = kept_top(model, [ranking[i] for i in torch.randperm(len(ranking), generator=gen)], k)
         record.status = "found"
-        record.nodes = [[loc[0], loc[1], i] for loc, i in ranking[:k]]
-        record.edges = count_edges(model, kept, output_tokens=tokens)
+        record.nodes = [[loc[0], loc[1], i, _mean_of(means[loc], i)] for loc, i in ranking[:k]]
+        record.edge_list = [[s.layer, s.kind, s.index, t.layer, t.kind, t.index, edge_weight(model, s, t)]
+                            for s, t in edge_list(model, kept, output_tokens=tokens)]
+        record.edges = len(record.edge_list)
         record.sufficiency_loss = circuit_loss(model, test, kept, means, pad_id, device)
         record.necessity_loss = circuit_loss(model, test, complement, means, pad_id, device, calibrate=False)
         record.random_loss = circuit_loss(model, test, random_kept, means, pad_id, device)
@@ -315,9 +326,9 @@ def overlap(model: GPT, records: dict[str, CircuitRecord]) -> dict[str, dict[str
     for name, rec in records.items():
         if rec.status != "found":
             continue
-        nodes[name] = {tuple(n) for n in rec.nodes}
+        nodes[name] = {tuple(n[:3]) for n in rec.nodes}
         kept = {loc: torch.zeros(size, dtype=torch.bool) for loc, size in locations(model).items()}
-        for layer, kind, i in rec.nodes:
+        for layer, kind, i, _ in rec.nodes:
             kept[(layer, kind)][i] = True
         edges[name] = {e for e in edge_list(model, kept) if e[1].kind != "logit"}  # shared internal edges
 
@@ -329,6 +340,11 @@ def overlap(model: GPT, records: dict[str, CircuitRecord]) -> dict[str, dict[str
         "nodes": {a: {b: jaccard(nodes[a], nodes[b]) for b in names} for a in names},
         "edges": {a: {b: jaccard(edges[a], edges[b]) for b in names} for a in names},
     }
+
+
+def _mean_of(mean: torch.Tensor, index: int) -> float:
+    """A node's mean activation (averaged over positions when the means are per position)."""
+    return float(mean[index] if mean.dim() == 1 else mean[:, index].mean())
 
 
 def geometric_mean_edges(records: dict[str, CircuitRecord]) -> float | None:

@@ -15,8 +15,10 @@ class CircuitRecord:
     unpruned_loss: float  # held-out task loss of the whole model
     total_nodes: int
     status: str = "pending"  # found | unreachable (the whole model misses the target)
-    nodes: list[list] = field(default_factory=list)  # [layer, kind, index], most important first
+    nodes: list[list] = field(default_factory=list)  # [layer, kind, index, mean activation], by importance
     edges: int = 0  # nonzero weights between kept nodes (model/graph.py)
+    # [src layer, src kind, src index, dst layer, dst kind, dst index (token id for "logit"), weight]
+    edge_list: list[list] = field(default_factory=list)
     sufficiency_loss: float | None = None  # circuit alone, everything else mean-ablated (calibrated)
     necessity_loss: float | None = None  # only the circuit mean-ablated
     random_loss: float | None = None  # a random circuit of the same size (calibrated)

@@ -68,3 +68,16 @@ def test_all_kept_and_zero_norm_gains():
         model.transformer["h"][0].ln_2.weight[3] = 0.0  # channel 3 is no longer read by the MLP
     assert count_edges(model, kept_from_nodes(model, KEPT)) == 8
     assert count_edges(model, {}) == 0
+
+
+def test_edge_weights_are_the_entries_they_stand_for():
+    from model.graph import edge_weight
+
+    model = hand_built()
+    weights = {(s.kind, t.kind): edge_weight(model, s, t) for s, t in edge_list(model, kept_from_nodes(model, KEPT))}
+    assert weights[("attn_in", "q")] == 1.0 and weights[("v", "attn_out")] == 1.0
+    assert weights[("embed", "attn_in")] == 1.0  # the norm gain of the reading channel
+    with torch.no_grad():
+        model.transformer["h"][0].mlp.c_fc.weight[1, 3] = -2.5
+    assert edge_weight(model, Node(0, "mlp_in", 3), Node(0, "mlp_neuron", 1)) == -2.5
+    assert edge_weight(model, Node(1, "final", 0), Node(2, "logit", 2)) == 1.0

@@ -89,7 +89,12 @@ def test_prune_task_records_a_validated_circuit(setup, tmp_path):
     cfg = dataclasses.replace(PruneConfig(), steps=20, target_loss=full + 0.05, batch_pairs=4)
     rec = prune_task(model, train, test, means, cfg, pad_id=pad)
     assert rec.status == "found" and rec.total_nodes == sum(locations(model).values())
-    assert len(rec.nodes) <= rec.total_nodes and rec.edges >= 0
+    assert len(rec.nodes) <= rec.total_nodes and rec.edges == len(rec.edge_list)
+    assert all(len(n) == 4 and isinstance(n[3], float) for n in rec.nodes)  # with its mean activation
+    kept = {(n[0], n[1], n[2]) for n in rec.nodes}
+    for src_layer, src_kind, src_i, dst_layer, dst_kind, dst_i, weight in rec.edge_list:
+        assert (src_layer, src_kind, src_i) in kept and weight != 0.0
+        assert dst_kind == "logit" or (dst_layer, dst_kind, dst_i) in kept
     for value in (rec.sufficiency_loss, rec.necessity_loss, rec.random_loss):
         assert value is not None and value >= 0
     rec.save(tmp_path / "circuit.json")
