@@ -70,13 +70,13 @@ class DeepSpeedEngine:
         timings = dict(self.sparse.timings)
         if self.stage >= 1:
             start = time.perf_counter()
-            self._project(lr, densities)
+            self._project(lr)
             timings["topk_s"] = time.perf_counter() - start
         self.attach_masks(self.sparse.masks)
         return {"grad_rms": self.sparse.grad_rms, **timings}
 
     @torch.no_grad()
-    def _project(self, lr: float, densities: dict[str, float]) -> None:
+    def _project(self, lr: float) -> None:
         """Project and decay through the fp32 master weights, identically on every rank."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 

@@ -43,7 +43,7 @@ def init_process_group(backend: str = "auto") -> tuple[int, int]:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    import deepspeed  # noqa: PLC0415 (after accelerator_env)
+    import deepspeed  # imported here, after accelerator_env() told it which accelerator to use
 
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()

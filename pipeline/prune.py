@@ -240,11 +240,13 @@ def circuit_loss(model, task, kept: KeptNodes, means, pad_id, device, *, calibra
     return calibrated_loss(pair, task.candidates)[0]
 
 
-def bisect_k(model, task, ranking, means, target: float, pad_id, device) -> tuple[int, float] | None:
+def bisect_k(model, task, ranking, means, target: float, pad_id, device, full_loss: float | None = None
+             ) -> tuple[int, float] | None:
     """Smallest k (nodes kept in ranking order) whose calibrated task loss reaches `target`; None when
     even the whole model does not reach it (reported, never forced)."""
     lo, hi = 0, len(ranking)
-    best = circuit_loss(model, task, kept_top(model, ranking, hi), means, pad_id, device)
+    best = full_loss if full_loss is not None else circuit_loss(model, task, kept_top(model, ranking, hi), means,
+                                                                pad_id, device)
     if best > target:
         return None
     while lo < hi:
@@ -266,13 +268,14 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
     unpruned = circuit_loss(model, test, all_kept(model), means, pad_id, device, calibrate=False)
     record = CircuitRecord(task=train.name, target_loss=cfg.target_loss, unpruned_loss=unpruned,
                            total_nodes=sum(locations(model).values()))
-    if circuit_loss(model, train, all_kept(model), means, pad_id, device) > cfg.target_loss:
+    full = circuit_loss(model, train, all_kept(model), means, pad_id, device)  # every node kept
+    if full > cfg.target_loss:
         record.status = "unreachable"  # not even the whole (calibrated) model reaches the target
         record.seconds = time.perf_counter() - start
         return record
     mask = learn_masks(model, train, means, cfg, pad_id=pad_id, device=device, seed=seed, progress=progress)
     ranking = mask.ranking()
-    found = bisect_k(model, train, ranking, means, cfg.target_loss, pad_id, device)
+    found = bisect_k(model, train, ranking, means, cfg.target_loss, pad_id, device, full_loss=full)
     tokens = sorted(set(train.candidates.flatten().tolist()))
     if found is None:
         record.status = "unreachable"

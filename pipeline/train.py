@@ -30,6 +30,7 @@ from model.sparsity import SparseTensor, attach_masks, density_at, lr_at, sparse
 from pipeline.data import Dataset
 from pipeline.evaluate import dead_neurons, lm_loss, residual_kurtosis, sparsity_figures, validation_loss
 from pipeline.loader import TokenLoader
+from pipeline.shards import map_shard
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
@@ -220,6 +221,7 @@ def train(
     val = TokenLoader(dataset, split="val", batch_size=t.batch_size, context_length=cfg.model.context_length,
                       shuffle=False)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length * engine.world_size
+    state = None  # the full state of the last checkpoint, reused as the final state
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="training", disable=not (progress and lead))
     for step in bar:
         tick = time.perf_counter()
@@ -242,8 +244,9 @@ def train(
     final = _evaluation(model, tensors, val, t.eval_batches, device)
     final["residual_kurtosis"] = residual_kurtosis(model, val.batch(0).to(device))
     final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak
-    return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final, rank=engine.rank,
-                       state=engine.full_state())
+    if state is None:  # resumed at the last step: nothing was trained, so no checkpoint was taken
+        state = engine.full_state()
+    return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final, rank=engine.rank, state=state)
 
 
 def engine_kind(cfg: "ExperimentConfig") -> str:
@@ -269,8 +272,6 @@ def _evaluation(model, tensors, val, batches: int, device) -> dict[str, float]:
 
 
 def _train_sample(dataset: Dataset, max_tokens: int = 1 << 22) -> torch.Tensor:
-    from pipeline.shards import map_shard
-
     first = dataset.shards("train")[0]
     return torch.from_numpy(map_shard(dataset.folder / first["file"])[:max_tokens].astype("int64"))
 
