@@ -5,7 +5,7 @@ surrogate backward) trained on task cross-entropy + k_coef x kept nodes; nodes r
 bisected to the smallest circuit whose calibrated loss reaches the target; then validation on held-out
 pairs (sufficiency, necessity, a random circuit of the same size, the attribution baseline) and edges
 counted on the node graph. The defaults are the paper's search centres; `prune.search_runs` > 1
-searches around them with Ray Tune (sweeps/prune_search.py). Not yet here: the HTML viewer.
+searches around them with Ray Tune (sweeps/prune_search.py). Viewer pages: pipeline/viewer.py.
 """
 
 import time
@@ -51,6 +51,7 @@ class PruneConfig:
     # Pruning runs per task: 1 = the settings above; more = a Ray Tune search around them
     # (sweeps/prune_search.py). The paper spent 256 runs per (model, task).
     search_runs: int = 1
+    viewer_batches: int = 8  # validation batches scanned for each node's top-activating contexts (0: none)
 
 
 def check_prune_config(cfg: PruneConfig) -> None:
@@ -58,7 +59,7 @@ def check_prune_config(cfg: PruneConfig) -> None:
         value = getattr(cfg, key)
         if value <= 0:
             raise ValueError(f"prune.{key}: must be > 0, got {value}")
-    for key in ("k_coef", "weight_decay"):
+    for key in ("k_coef", "weight_decay", "viewer_batches"):
         value = getattr(cfg, key)
         if value < 0:
             raise ValueError(f"prune.{key}: must be >= 0, got {value}")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from torch.multiprocessing import ProcessRaisedException
 from tqdm.auto import tqdm
@@ -24,8 +25,9 @@ from pipeline.export import export_model
 from pipeline.loader import TokenLoader
 from pipeline.prune import geometric_mean_edges, node_means, overlap, prune_task
 from pipeline.records import CircuitRecord
-from pipeline.tasks import encode_suite
+from pipeline.tasks import EncodedTask, encode_suite
 from pipeline.train import NonFiniteLoss, NullTracker, train
+from pipeline.viewer import node_examples, padded, render
 
 SUMMARY = "final_metrics.json"
 
@@ -141,6 +143,7 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
     matrix go to run_dir/circuits/ and to the run's MLflow run. `search(task)`, when given, returns
     the best circuit of a settings search (None if no setting reached the target)."""
     model, tokenizer, means = load_for_pruning(run_dir, cfg, device)
+    data_batches = viewer_batches(cfg)
     train_tasks, failures = encode_suite(tokenizer, list(cfg.prune.tasks), split="train", pairs=cfg.prune.pairs)
     test_tasks, _ = encode_suite(tokenizer, list(train_tasks), split="test", pairs=cfg.prune.pairs)
     for message in failures.values():
@@ -157,6 +160,9 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
                 record = prune_task(model, train_tasks[name], test_tasks[name], means, cfg.prune, pad_id=pad,
                                     device=device, seed=cfg.train.seed, progress=progress)
             record.save(folder / f"{name}.json")
+            write_viewer(folder / f"{name}.html", record, model, tokenizer, test_tasks[name], data_batches,
+                         model_name=f"{run_dir.name} (d_model {cfg.model.d_model}, density {cfg.sparsity.density:g})",
+                         device=device)
             records[name] = record
             tracker.log_metrics(_circuit_metrics(record), cfg.train.steps)
         overlaps = overlap(model, records)
@@ -170,6 +176,27 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
         raise
     tracker.finish("FINISHED")
     return PruneResult(folder, records, failures, overlaps, geomean)
+
+
+def viewer_batches(cfg: ExperimentConfig) -> list[torch.Tensor]:
+    """The held-out pretraining batches the viewer searches for each node's top-activating contexts."""
+    dataset = build_data(cfg.data, progress=False).dataset
+    loader = TokenLoader(dataset, split="val", batch_size=cfg.train.batch_size,
+                         context_length=cfg.model.context_length, seed=cfg.train.seed)
+    return [loader.batch(i)[:, :-1] for i in range(cfg.prune.viewer_batches)]
+
+
+def write_viewer(path: Path, record: CircuitRecord, model, tokenizer, task: EncodedTask,
+                 data_batches: list[torch.Tensor], *, model_name: str, device: str = "cpu") -> None:
+    """The circuit's HTML page (pipeline/viewer.py), with examples from the task and from pretraining data."""
+    nodes = [(int(n[0]), str(n[1]), int(n[2])) for n in record.nodes]
+    prompts = padded(task.prompts, model.cfg.context_length)
+    task_examples = node_examples(model, tokenizer, nodes, prompts, device=device)
+    data_examples = node_examples(model, tokenizer, nodes, data_batches, device=device)
+    candidates = {int(t): tokenizer.decode([int(t)]) for t in task.candidates.flatten().unique().tolist()}
+    page = render(record, model_name=model_name, candidate_tokens=candidates,
+                  task_examples=task_examples, data_examples=data_examples)
+    path.write_text(page, encoding="utf-8")
 
 
 def load_for_pruning(run_dir: Path, cfg: ExperimentConfig, device: str = "cpu"):

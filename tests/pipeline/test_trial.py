@@ -189,6 +189,8 @@ def test_prune_verb_on_a_trained_run(dataset_cache, tmp_path, capsys):
     circuits = tmp_path / "run" / "circuits"
     record = json.loads((circuits / "if_equals.json").read_text())
     assert record["status"] == "found" and record["sufficiency_loss"] <= 5.0
+    page = (circuits / "if_equals.html").read_text()
+    assert "<svg" in page and "if_equals circuit" in page  # the viewer page beside the record
     matrix = json.loads((circuits / "overlap.json").read_text())
     assert matrix["nodes"]["if_equals"]["if_equals"] in (0.0, 1.0)
     run = mlflow_run(tmp_path / "run")
