@@ -9,7 +9,7 @@ with a status: FINISHED, FAILED (reason in the `failure_reason` tag) or KILLED.
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -25,6 +25,8 @@ class TrackingConfig:
     # locally and a server with a database on clusters.
     uri: str | None = None
     experiment: str = "circuitscale"
+    parent_run_id: str | None = None  # a study's trials are nested under the study's run
+    tags: dict[str, str] = field(default_factory=dict)  # set on the run when it is created
 
 
 def check_tracking_config(cfg: TrackingConfig) -> None:
@@ -46,9 +48,10 @@ class RunTracker:
         self.uri = tracking_uri(cfg, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
         self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
-        self.run_id, self.resumed = self._open_run(cfg.experiment, run_name, params)
+        self.run_id, self.resumed = self._open_run(cfg, run_name, params)
 
-    def _open_run(self, experiment: str, run_name: str, params: dict[str, object]) -> tuple[str, bool]:
+    def _open_run(self, cfg: TrackingConfig, run_name: str, params: dict[str, object]) -> tuple[str, bool]:
+        experiment = cfg.experiment
         record = self.run_dir / RUN_FILE
         if record.is_file():
             run_id = json.loads(record.read_text())["run_id"]
@@ -60,7 +63,8 @@ class RunTracker:
         else:
             artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-        run = self.client.create_run(experiment_id, run_name=run_name)
+        tags = dict(cfg.tags) | ({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run.info.run_id, params=items[start : start + 100])
@@ -102,3 +106,26 @@ class RunTracker:
                     raise
                 self.client = MlflowClient(tracking_uri=self.uri)
         self._jsonl.close()
+
+
+def download_run_artifacts(uri: str, experiment: str, artifact: str) -> list[str]:
+    """The text of `artifact` from every finished run of `experiment` that has it (a study's trials)."""
+    import tempfile
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {uri}")
+    texts = []
+    runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=10_000)
+    for run in runs:
+        if "trial" not in run.data.tags:
+            continue  # the study's parent run
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run.info.run_id, artifact, tmp)
+            except Exception:  # a trial run without the record (pruning off before records existed)
+                continue
+            texts.append(Path(path).read_text(encoding="utf-8"))
+    return texts

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "run_raw"):  # verbs about a study, not one experiment config
+            return args.run_raw(args)
         config = args.config
         if getattr(args, "takes_run", False):
             runs = [x for x in args.overrides if "=" not in x]
@@ -55,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     prune.set_defaults(takes_run=True)
     prune.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     prune.set_defaults(run=run_prune)
+    study = verbs.add_parser("study", help="run (or resume) a study: a Ray Tune grid of trials, then its report",
+                             usage="circuitscale study [-v] SWEEP.yaml [KEY=VALUE ...]")
+    study.add_argument("sweep", metavar="SWEEP.yaml", help="the study file (e.g. sweeps/cpu.yaml)")
+    study.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides for every trial")
+    study.add_argument("-v", "--verbose", action="count", default=1, help="more of Ray's output (-vv: worker logs)")
+    study.set_defaults(run_raw=run_study)
+    report = verbs.add_parser("report", help="(re)write a study's report and figures from its trial records")
+    report.add_argument("study", metavar="STUDY", help="a study folder (runs/studies/<name>)")
+    report.set_defaults(run_raw=run_report)
+    ui = verbs.add_parser("ui", help="serve the MLflow UI for a study's store on 127.0.0.1")
+    ui.add_argument("study", metavar="STUDY", help="a study folder, or a tracking URI")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(run_raw=run_ui)
     return parser
 
 
@@ -129,6 +144,52 @@ def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     if result.edges_geomean is not None:
         print(f"  geometric mean of circuit edges: {result.edges_geomean:.1f}")
     return 0
+
+
+def run_study(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.errors import ConfigError
+    from sweeps.study import run_study as study
+
+    if not Path(args.sweep).is_file():
+        raise ConfigError(f"study file {args.sweep} does not exist")
+    bad = [x for x in args.overrides if "=" not in x]
+    if bad:
+        raise ConfigError(f"study: overrides must be KEY=VALUE, got {bad}")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a terminated study is KILLED in MLflow, and resumable
+    result = study(args.sweep, args.overrides, verbose=args.verbose)
+    headline = json.loads((result.folder / "report" / "headline.json").read_text())
+    print(json.dumps({k: headline[k] for k in ("wall_s", "overhead_ratio", "sparse_dense_edge_ratio")}))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    folder = Path(args.study)
+    if not (folder / "trials").is_dir():
+        raise UserError(f"report: {folder} is not a study folder (no trials/ in it)")
+    report = write_report(folder)
+    print(f"report: {(report.folder / 'report.html').resolve()}")
+    print(f"  {report.headline['trials']} trials, {report.headline['frontier_points']} on the frontier, "
+          f"sparse/dense edges at matched loss {report.headline['sparse_dense_edge_ratio']}")
+    return 0
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    uri = args.study
+    if "://" not in uri:
+        store = Path(args.study) / "mlflow.db"
+        if not store.is_file():
+            raise UserError(f"ui: {args.study} holds no MLflow store (mlflow.db); pass a study folder or a URI")
+        uri = f"sqlite:///{store.resolve()}"
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port)]
+    return subprocess.call(command)
 
 
 def _raise_interrupt(signum, frame) -> None:

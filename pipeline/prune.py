@@ -51,6 +51,7 @@ class PruneConfig:
     # Pruning runs per task: 1 = the settings above; more = a Ray Tune search around them
     # (sweeps/prune_search.py). The paper spent 256 runs per (model, task).
     search_runs: int = 1
+    curve_targets: list[float] = field(default_factory=list)  # extra targets: circuit size vs target (Fig. 2)
     viewer_batches: int = 8  # validation batches scanned for each node's top-activating contexts (0: none)
 
 
@@ -71,6 +72,8 @@ def check_prune_config(cfg: PruneConfig) -> None:
         raise ValueError(f"prune.beta2: must lie in [0, 1), got {cfg.beta2}")
     if not 0.0 <= cfg.warmup_frac <= 1.0:
         raise ValueError(f"prune.warmup_frac: must lie in [0, 1], got {cfg.warmup_frac}")
+    if any(t <= 0 for t in cfg.curve_targets):
+        raise ValueError(f"prune.curve_targets: every target must be > 0, got {cfg.curve_targets}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise ValueError(f"prune.tasks: lists a task twice: {cfg.tasks}")
     unknown = [t for t in cfg.tasks if t not in TASKS]
@@ -295,6 +298,10 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
         record.necessity_loss = circuit_loss(model, test, complement, means, pad_id, device, calibrate=False)
         record.random_loss = circuit_loss(model, test, random_kept, means, pad_id, device)
         record.random_edges = count_edges(model, random_kept, output_tokens=tokens)
+    for target in cfg.curve_targets:  # the same ranking, bisected again: how size grows as the target tightens
+        point = bisect_k(model, train, ranking, means, target, pad_id, device, full_loss=full)
+        edges = None if point is None else count_edges(model, kept_top(model, ranking, point[0]), output_tokens=tokens)
+        record.target_curve.append([target, None if point is None else point[0], edges])
     record.attribution_edges = attribution_edges(model, train, means, cfg.target_loss, pad_id=pad_id, device=device)
     record.seconds = time.perf_counter() - start
     return record

@@ -24,6 +24,9 @@ class CircuitRecord:
     random_loss: float | None = None  # a random circuit of the same size (calibrated)
     random_edges: int | None = None
     attribution_edges: int | None = None  # the gradient-attribution baseline at the same target
+    # [target loss, k, edges] along the same node ranking at each prune.curve_targets (Figure 2); k and
+    # edges are None where even the whole model misses that target
+    target_curve: list[list] = field(default_factory=list)
     seconds: float = 0.0
 
     def save(self, path: Path) -> None:
@@ -31,4 +34,35 @@ class CircuitRecord:
 
     @classmethod
     def load(cls, path: Path) -> "CircuitRecord":
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass
+class TrialRecord:
+    """One trained-and-pruned trial of a study (`trial.json` in its run folder): what the frontier needs."""
+
+    trial: str
+    study: str
+    d_model: int
+    num_layers: int
+    density: float
+    params_total: int  # every weight of the model
+    l0_total: float  # nonzero weights after training (the paper's L0)
+    val_loss: float  # pretraining validation loss (nats per token)
+    residual_kurtosis: float
+    task_accuracy_mean: float
+    circuit_edges_geomean: float | None  # over the tasks whose circuit this trial found
+    circuits_found: int
+    circuits_tried: int
+    overlap_nodes_mean: float | None  # mean Jaccard of node sets over pairs of distinct found circuits
+    train_seconds: float
+    prune_seconds: float
+    # task -> {status, nodes, edges, unpruned_loss, target_loss, sufficiency_loss, necessity_loss, target_curve}
+    circuits: dict[str, dict] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "TrialRecord":
         return cls(**json.loads(path.read_text(encoding="utf-8")))

@@ -4,7 +4,9 @@ tracked run that always ends FINISHED, FAILED (reason tagged) or KILLED."""
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 
 from infra.distributed import spawn
 from infra.tracking import RunTracker
+from model.config import param_counts
 from model.gpt import GPT
 from pipeline.config import ExperimentConfig, config_to_yaml, save_config
 from pipeline.data import Dataset, build_data
@@ -24,12 +27,13 @@ from pipeline.evaluate import task_metrics
 from pipeline.export import export_model
 from pipeline.loader import TokenLoader
 from pipeline.prune import geometric_mean_edges, node_means, overlap, prune_task
-from pipeline.records import CircuitRecord
+from pipeline.records import CircuitRecord, TrialRecord
 from pipeline.tasks import EncodedTask, encode_suite
 from pipeline.train import NonFiniteLoss, NullTracker, train
 from pipeline.viewer import node_examples, padded, render
 
 SUMMARY = "final_metrics.json"
+TRIAL_RECORD = "trial.json"
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,69 @@ def run_trial(
                        mlflow_run_id=tracker.run_id, resumed_from=summary["resumed_from"], final=summary["final"])
 
 
+def run_launched_trial(cfg: ExperimentConfig, *, device: str = "cpu", prune: bool = True,
+                       log: Callable[[str], None] = print) -> dict[str, float] | None:
+    """The trial on one rank that a launcher started (Ray Train's TorchTrainer, torchrun; RANK and
+    WORLD_SIZE set): every rank trains; rank 0 owns the MLflow run and its status, exports, and then
+    prunes the tasks. Returns rank 0's final metrics (training, tasks, circuits, seconds), None elsewhere.
+    A rerun resumes from the run folder's checkpoints and continues the same MLflow run."""
+    run_dir = run_dir_for(cfg)
+    lead = int(os.environ.get("RANK", "0")) == 0
+    dataset = build_data(cfg.data, progress=False).dataset  # built by the study before any trial
+    if not lead:
+        train_worker(cfg, dataset.folder, run_dir, device, False, NullTracker())
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_config(cfg, run_dir)
+    tracker = RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params=flat_params(cfg))
+    try:
+        tick = time.perf_counter()
+        train_worker(cfg, dataset.folder, run_dir, device, False, tracker)
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        final = dict(summary["final"]) | {"train_seconds": time.perf_counter() - tick}
+        tracker.log_metrics(final, cfg.train.steps)
+        for artifact in (config_path, run_dir / SUMMARY):
+            tracker.log_artifact(artifact)
+        records, overlaps, tick = {}, {}, time.perf_counter()
+        if prune:
+            result = prune_run(run_dir, cfg, device=device, progress=False, log=log, tracker=tracker)
+            records, overlaps = result.records, result.overlap
+        final["prune_seconds"] = time.perf_counter() - tick
+        trial = trial_record(cfg, run_dir, final, records, overlaps,
+                             vocab_size=dataset.manifest["tokenizer"]["vocab_size"])
+        trial.save(run_dir / TRIAL_RECORD)
+        tracker.log_artifact(run_dir / TRIAL_RECORD)
+        final |= {"prune_seconds": trial.prune_seconds, "circuits_found": float(trial.circuits_found)}
+        if trial.circuit_edges_geomean is not None:
+            final["circuit_edges_geomean"] = trial.circuit_edges_geomean
+        tracker.log_metrics({k: final[k] for k in ("train_seconds", "prune_seconds", "circuits_found")},
+                            cfg.train.steps)
+    except BaseException as err:
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    tracker.finish("FINISHED")
+    return final
+
+
+def trial_record(cfg: ExperimentConfig, run_dir: Path, final: dict, records: dict[str, CircuitRecord], overlaps: dict,
+                 *, vocab_size: int) -> TrialRecord:
+    """The trial's record for analysis (pipeline/records.py)."""
+    pairs = [v for a, row in overlaps.get("nodes", {}).items() for b, v in row.items() if a < b]
+    found = [r for r in records.values() if r.status == "found"]
+    keys = ("status", "edges", "unpruned_loss", "target_loss", "sufficiency_loss", "necessity_loss", "target_curve")
+    return TrialRecord(
+        trial=run_dir.name, study=cfg.tracking.experiment, d_model=cfg.model.d_model, num_layers=cfg.model.num_layers,
+        density=cfg.sparsity.density, params_total=param_counts(cfg.model, vocab_size)["total"],
+        l0_total=float(final.get("l0_total", math.nan)), val_loss=float(final["val_loss"]),
+        residual_kurtosis=float(final.get("residual_kurtosis", math.nan)),
+        task_accuracy_mean=float(final.get("task_accuracy_mean", math.nan)),
+        circuit_edges_geomean=geometric_mean_edges(records), circuits_found=len(found), circuits_tried=len(records),
+        overlap_nodes_mean=sum(pairs) / len(pairs) if pairs else None,
+        train_seconds=float(final.get("train_seconds", 0.0)), prune_seconds=float(final.get("prune_seconds", 0.0)),
+        circuits={name: {k: getattr(r, k) for k in keys} | {"nodes": len(r.nodes)} for name, r in records.items()},
+    )
+
+
 def train_worker(
     cfg: ExperimentConfig, dataset_folder: Path, run_dir: Path, device: str, progress: bool,
     tracker: RunTracker | None,
@@ -138,10 +205,12 @@ class PruneResult:
 
 def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = True,
               log: Callable[[str], None] = print,
-              search: Callable[[str], CircuitRecord | None] | None = None) -> PruneResult:
-    """Prune every task (or prune.tasks) in the trained model of `run_dir`; records and the overlap
-    matrix go to run_dir/circuits/ and to the run's MLflow run. `search(task)`, when given, returns
-    the best circuit of a settings search (None if no setting reached the target)."""
+              search: Callable[[str], CircuitRecord | None] | None = None,
+              tracker: RunTracker | None = None) -> PruneResult:
+    """Prune every task (or prune.tasks) in the trained model of `run_dir`; records, viewer pages and
+    the overlap matrix go to run_dir/circuits/ and to the run's MLflow run. `search(task)`, when given,
+    returns the best circuit of a settings search (None if no setting reached the target). With
+    `tracker` (the caller's open run), the caller owns the run's final status."""
     model, tokenizer, means = load_for_pruning(run_dir, cfg, device)
     data_batches = viewer_batches(cfg)
     train_tasks, failures = encode_suite(tokenizer, list(cfg.prune.tasks), split="train", pairs=cfg.prune.pairs)
@@ -150,7 +219,9 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
         log(message)
     folder = run_dir / "circuits"
     folder.mkdir(exist_ok=True)
-    tracker = RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params={})
+    owned = tracker is None
+    if tracker is None:
+        tracker = RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params={})
     records: dict[str, CircuitRecord] = {}
     pad = tokenizer.get_vocab_size() - 1
     try:
@@ -172,9 +243,11 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
             tracker.log_metrics({"circuit_edges_geomean": geomean}, cfg.train.steps)
         tracker.log_artifacts(folder, "circuits")
     except BaseException as err:
-        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"pruning: {err}")
+        if owned:
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"pruning: {err}")
         raise
-    tracker.finish("FINISHED")
+    if owned:
+        tracker.finish("FINISHED")
     return PruneResult(folder, records, failures, overlaps, geomean)
 
 

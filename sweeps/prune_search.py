@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import ray
 from ray import tune
 
 from pipeline.config import ExperimentConfig
@@ -56,8 +55,9 @@ def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *
     """Run `budget` pruning trials for `task` on the trained model in `run_dir` (a local Ray by
     default, the cluster when RAY_ADDRESS is set)."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV per trial
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from sweeps.study import init_ray
+
+    init_ray(verbose=0)
     centres = {key: getattr(cfg.prune, key) for key in SEARCHED}
     space = search_space(cfg) | {"cfg": cfg, "run_dir": str(run_dir.resolve()), "task": task}
     tuner = tune.Tuner(

@@ -28,9 +28,14 @@ class StudyConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key -> values (cross product)
     points: list[dict[str, Any]] = field(default_factory=list)  # extra trials: dotted key -> value
     max_concurrent_trials: int = 1
+    workers: int = 1  # Ray Train workers per trial (DeepSpeed data parallel when > 1)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    storage_path: str = "runs/studies"
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
+    max_failures: int = 2  # worker failures a trial survives (it resumes from its last checkpoint)
+    prune: bool = True  # prune the tasks (prune.* overrides set the budget) after training
+    tracking_uri: str | None = None  # None: sqlite:///<study folder>/mlflow.db
+    storage_path: str = "runs/studies"  # the study folder is <storage_path>/<name>
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,16 @@ class TrialSpec:
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, list[TrialSpec]]:
-    """Read a sweep YAML and expand it; `overrides` (dotlist) apply to every trial."""
+    """Read a sweep YAML and expand it; `overrides` (dotlist) apply to every trial, except those
+    starting with `study.`, which set the study's own keys (`study.storage_path=/tmp/s`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        study = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.create(raw)))
+        own = [o.removeprefix("study.") for o in overrides or [] if o.startswith("study.")]
+        study = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.create(raw),
+                                                    OmegaConf.from_dotlist(own)))
     except yaml.YAMLError:
         raise ConfigError(f"study file {path} is not valid YAML") from None
     except OmegaConfBaseException as err:
@@ -55,7 +63,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
         raise ConfigError(f"{path}: {key}: {str(err).splitlines()[0]}") from None
     _check_study(study, path)
     base = (path.parent / study.base) if study.base else None
-    return study, expand_trials(study, base, list(study.overrides) + list(overrides or []))
+    trial_overrides = [o for o in overrides or [] if not o.startswith("study.")]
+    return study, expand_trials(study, base, list(study.overrides) + trial_overrides)
 
 
 def expand_trials(study: StudyConfig, base: Path | None, overrides: list[str]) -> list[TrialSpec]:
@@ -91,5 +100,10 @@ def _check_study(study: StudyConfig, path: Path) -> None:
         raise ConfigError(f"{path}: a study needs a grid or points")
     if study.max_concurrent_trials < 1:
         raise ConfigError(f"{path}: max_concurrent_trials: must be a positive integer")
+    if study.workers < 1 or study.max_failures < 0:
+        raise ConfigError(f"{path}: workers must be >= 1 and max_failures >= 0")
+    if study.tracking_uri is not None and "://" not in study.tracking_uri:
+        raise ConfigError(f"{path}: tracking_uri: must be a URI such as http://127.0.0.1:5000, "
+                          f"got {study.tracking_uri!r}")
     if study.cpus_per_worker <= 0 or study.gpus_per_worker < 0:
         raise ConfigError(f"{path}: cpus_per_worker must be > 0 and gpus_per_worker >= 0")

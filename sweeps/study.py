@@ -1,0 +1,177 @@
+"""Run a study: a Ray Tune grid of trials, each a Ray Train `TorchTrainer` (DeepSpeed inside when a
+trial has several workers), then the analysis report.
+
+Layout of a study folder (`<storage_path>/<name>/`):
+  study.yaml           the sweep file as given, and `overrides.txt` the command-line overrides
+  mlflow.db            the MLflow store when the study names no tracking URI
+  mlflow_run.json      the study's parent MLflow run (trials are nested child runs)
+  trials/<trial>/      each trial's run folder (checkpoints, export, circuits, metrics)
+  ray/<name>/          Ray Tune's experiment state (what a rerun resumes from)
+  report/              report.md, report.html, figures (analysis/)
+
+Ray 2.60 runs Ray Train V2: the Tune trainable builds and fits the trial's `TorchTrainer` itself, and
+the workers' final report reaches Tune through `TuneReportCallback`. The Train run is named after the
+trial, its failure config restarts failed workers, and our checkpoints make the restart resume. Running
+the same command again restores the Tune experiment: finished trials are kept, unfinished and errored
+ones resume from their checkpoints, and each keeps its one MLflow child run.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.train import FailureConfig, ScalingConfig
+from ray.train import RunConfig as TrainRunConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from infra.tracking import RunTracker, tracking_uri
+from pipeline.config import ExperimentConfig
+from pipeline.data import build_data
+from pipeline.errors import UserError
+from sweeps.spec import StudyConfig, TrialSpec, load_study
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    folder: Path
+    tracking_uri: str
+    parent_run_id: str
+    trials: dict[str, dict]  # trial name -> its final metrics ({} if it failed)
+    failed: dict[str, str]  # trial name -> error
+    wall_s: float
+
+
+def study_folder(study: StudyConfig) -> Path:
+    return Path(study.storage_path).expanduser().resolve() / study.name
+
+
+def trial_configs(study: StudyConfig, trials: list[TrialSpec], folder: Path, uri: str, parent: str
+                  ) -> dict[str, ExperimentConfig]:
+    """Each trial's config, pointed at its run folder, the study's MLflow store and parent run."""
+    out = {}
+    for spec in trials:
+        cfg = spec.config
+        tags = {"study": study.name, "trial": spec.name, "d_model": str(cfg.model.d_model),
+                "density": f"{cfg.sparsity.density:g}", "num_layers": str(cfg.model.num_layers)}
+        tracking = dataclasses.replace(cfg.tracking, uri=uri, experiment=study.name, parent_run_id=parent,
+                                       tags=tags)
+        train = dataclasses.replace(cfg.train, run_dir=str(folder / "trials" / spec.name))
+        trial = dataclasses.replace(cfg.trial, workers=study.workers)
+        out[spec.name] = dataclasses.replace(cfg, tracking=tracking, train=train, trial=trial)
+    return out
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker of a trial: train (all ranks), then rank 0 prunes; everyone reports once."""
+    from pipeline.trial import run_launched_trial
+
+    device = "cuda" if config["gpus"] > 0 else "cpu"
+    if device == "cuda":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the GPU Ray gave this worker
+    final = run_launched_trial(config["cfg"], device=device, prune=config["prune"], log=lambda _: None)
+    ray.train.report(final or {})  # (never a `done` key: Tune would stop the trial before Train cleans up)
+
+
+def _trial(config: dict, configs: dict, study: StudyConfig, folder: str) -> None:
+    """The Tune trainable: fit the trial's TorchTrainer (its metrics come back via TuneReportCallback)."""
+    name = config["trial"]
+    cfg = configs[name]
+    gpus = study.gpus_per_worker
+    resources = {"CPU": study.cpus_per_worker} | ({"GPU": gpus} if gpus else {}) | dict(study.worker_resources)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": cfg, "gpus": gpus, "prune": study.prune},
+        scaling_config=ScalingConfig(num_workers=study.workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=TrainRunConfig(name=name, storage_path=str(Path(folder) / "train"),
+                                  failure_config=FailureConfig(max_failures=study.max_failures),
+                                  callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def run_study(path: str | Path, overrides: list[str] | None = None, *, log=print, verbose: int = 1) -> StudyResult:
+    """Run (or resume) the study in `path` and write its report; raises UserError if trials failed."""
+    start = time.perf_counter()
+    study, trials = load_study(path, overrides)
+    folder = study_folder(study)
+    (folder / "trials").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, folder / "study.yaml")
+    (folder / "overrides.txt").write_text("\n".join(overrides or []) + "\n", encoding="utf-8")
+    uri = study.tracking_uri or tracking_uri(dataclasses.replace(trials[0].config.tracking, uri=None), folder)
+    parent = RunTracker(dataclasses.replace(trials[0].config.tracking, uri=uri, experiment=study.name,
+                                            tags={"study": study.name, "kind": "study"}),
+                        folder, run_name=study.name, params={"trials": len(trials), "grid": json.dumps(study.grid)})
+    log(f"study {study.name}: {len(trials)} trials in {folder}; MLflow {uri} (run {parent.run_id})"
+        + (" (resumed)" if parent.resumed else ""))
+    try:
+        parent.log_artifact(folder / "study.yaml")
+        configs = trial_configs(study, trials, folder, uri, parent.run_id)
+        for data_cfg in {json.dumps(dataclasses.asdict(c.data), sort_keys=True): c.data for c in configs.values()
+                         }.values():
+            build_data(data_cfg, progress=verbose > 0)  # once, before the trials share its cache
+        results, failed = _fit(study, configs, folder, verbose)
+        wall = time.perf_counter() - start
+        from analysis.report import write_report
+
+        report = write_report(folder, wall_s=wall)
+        parent.log_metrics({k: v for k, v in report.headline.items() if isinstance(v, int | float)}, 0)
+        parent.log_artifacts(report.folder, "report")
+    except BaseException as err:
+        parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    if failed:
+        parent.finish("FAILED", f"{len(failed)} trial(s) failed: {', '.join(failed)}")
+        raise UserError(f"study {study.name}: {len(failed)} of {len(trials)} trials failed "
+                        f"({'; '.join(f'{k}: {v}' for k, v in failed.items())}); rerun the command to resume them")
+    parent.finish("FINISHED")
+    log(f"report: {report.folder / 'report.html'}")
+    log(f"MLflow: {uri} (`circuitscale ui {folder}` serves it on 127.0.0.1)")
+    return StudyResult(folder, uri, parent.run_id, results, failed, wall)
+
+
+def init_ray(verbose: int = 1) -> None:
+    """Join RAY_ADDRESS's cluster (or the `ray job submit` one), else start a local Ray (no dashboard)."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=verbose > 1, configure_logging=verbose > 1)
+
+
+def _fit(study: StudyConfig, configs: dict, folder: Path, verbose: int) -> tuple[dict, dict]:
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    init_ray(verbose)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, configs=configs, study=study, folder=str(folder)),
+        # The trial driver only waits on its TorchTrainer and holds no CPU (a fraction would leave the
+        # last worker's CPU short); Tune needs a non-empty bundle, so it asks for one byte of memory.
+        {"cpu": 0, "memory": 1},
+    )
+    storage = folder / "ray"
+    experiment = storage / study.name
+    if tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(list(configs))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials),
+            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=verbose),
+        )
+    grid = tuner.fit()
+    results, failed = {}, {}
+    for result in grid:
+        name = result.config["trial"]
+        if result.error is not None:
+            failed[name] = str(result.error).strip().splitlines()[-1][:300]
+        else:
+            results[name] = dict(result.metrics or {})
+    return results, failed
