@@ -23,10 +23,9 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
-# The main job. Until the Ray Tune study lands (issue 8) this runs one trial of the `cpu` preset.
+# The main job: the `cpu` study (Ray Tune grid -> trials -> pruning -> MLflow -> report). Run again, it resumes.
 study: setup
-	@echo "make study: the Ray Tune grid is not built yet; running one trial of the cpu preset"
-	$(BIN)/circuitscale train --config sweeps/configs/cpu.yaml
+	$(BIN)/circuitscale study sweeps/cpu.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

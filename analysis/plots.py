@@ -5,17 +5,23 @@ against L0 and width. Each function draws from the analysis frame only and retur
 import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
+# Figures are built with the object API (no pyplot state, no GUI backend): the report saves them, a
+# notebook displays them.
+
+
+def subplots(ncols: int = 1, figsize=(7, 5)):
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
 
 
 def frontier_figure(rows: list[dict], front: list[int]):
     """Pretraining loss vs geometric-mean circuit edges; colour = L0 (nonzero weights), size = total
     params; dense models as squares; the Pareto front as a line."""
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = subplots()
     pts = [r for r in rows if r["edges"] is not None]
     if pts:
         l0 = [max(r["l0_total"], 1.0) for r in pts]
@@ -50,7 +56,7 @@ def target_curve_figure(rows: list[dict]):
     weight-sparse solid, dense dashed."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = subplots()
     drawn = False
     for r in rows:
         by_target: dict[float, list[float]] = {}
@@ -82,7 +88,7 @@ def target_curve_figure(rows: list[dict]):
 def task_sizes_figure(rows: list[dict]):
     """Edges of each task's circuit in each trial (missing: no circuit)."""
     tasks = sorted({t for r in rows for t, c in json.loads(r["circuits"]).items() if c["status"] == "found"})
-    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(tasks) + 3), 5))
+    fig, ax = subplots(figsize=(max(7, 0.45 * len(tasks) + 3), 5))
     width = 0.8 / max(len(rows), 1)
     for j, r in enumerate(rows):
         per = json.loads(r["circuits"])
@@ -101,7 +107,7 @@ def task_sizes_figure(rows: list[dict]):
 
 def structure_figure(rows: list[dict]):
     """Residual-stream kurtosis and circuit overlap against L0 (colour: width)."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = subplots(2, figsize=(10, 4))
     for ax, key, label in ((a, "residual_kurtosis", "residual kurtosis"),
                            (b, "overlap_nodes_mean", "mean node overlap between task circuits")):
         sel = [r for r in rows if r[key] is not None]
@@ -120,5 +126,4 @@ def save(fig, folder: Path, name: str) -> list[Path]:
     paths = [folder / f"{name}.png", folder / f"{name}.svg"]
     fig.savefig(paths[0], dpi=130)
     fig.savefig(paths[1])
-    plt.close(fig)
     return paths

@@ -123,6 +123,16 @@ def _markdown(name: str, a: Analysis, h: dict) -> str:
             f"| {r['val_loss']:.3f} | {_fmt(r['task_accuracy_mean'])} | {r['circuits_found']}/{r['circuits_tried']} "
             f"| {_fmt(r['edges'])} | {_fmt(r['residual_kurtosis'])} | {_fmt(r['overlap_nodes_mean'])} "
             f"| {r['train_seconds']:.0f} | {r['prune_seconds']:.0f} | {'yes' if i in a.front else ''} |")
+    per = {r["trial"]: json.loads(r["circuits"]) for r in a.rows}
+    tasks = sorted({t for circuits in per.values() for t in circuits})
+    if tasks:
+        lines += ["", "## Circuits per task (edges; — where the whole model misses the target)", "",
+                  "| task | " + " | ".join(r["label"] for r in a.rows) + " |",
+                  "|---|" + "---|" * len(a.rows)]
+        for task in tasks:
+            cells = [str(per[r["trial"]][task]["edges"]) if per[r["trial"]].get(task, {}).get("status") == "found"
+                     else "—" for r in a.rows]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += ["", "## How the frontier moves (log-log fits, slope ± standard error)", ""]
     for fit_name, fits in a.fits.items():
         if not fits:

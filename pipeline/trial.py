@@ -118,6 +118,8 @@ def run_launched_trial(cfg: ExperimentConfig, *, device: str = "cpu", prune: boo
     A rerun resumes from the run folder's checkpoints and continues the same MLflow run."""
     run_dir = run_dir_for(cfg)
     lead = int(os.environ.get("RANK", "0")) == 0
+    if (run_dir / TRIAL_RECORD).is_file():  # finished before (its record is written last): not rerun
+        return finished_metrics(run_dir) if lead else None
     dataset = build_data(cfg.data, progress=False).dataset  # built by the study before any trial
     if not lead:
         train_worker(cfg, dataset.folder, run_dir, device, False, NullTracker())
@@ -140,18 +142,32 @@ def run_launched_trial(cfg: ExperimentConfig, *, device: str = "cpu", prune: boo
         final["prune_seconds"] = time.perf_counter() - tick
         trial = trial_record(cfg, run_dir, final, records, overlaps,
                              vocab_size=dataset.manifest["tokenizer"]["vocab_size"])
-        trial.save(run_dir / TRIAL_RECORD)
-        tracker.log_artifact(run_dir / TRIAL_RECORD)
-        final |= {"prune_seconds": trial.prune_seconds, "circuits_found": float(trial.circuits_found)}
-        if trial.circuit_edges_geomean is not None:
-            final["circuit_edges_geomean"] = trial.circuit_edges_geomean
-        tracker.log_metrics({k: final[k] for k in ("train_seconds", "prune_seconds", "circuits_found")},
-                            cfg.train.steps)
+        staging = run_dir / "staging"  # the record lands in run_dir only after the run is FINISHED
+        staging.mkdir(exist_ok=True)
+        trial.save(staging / TRIAL_RECORD)
+        tracker.log_artifact(staging / TRIAL_RECORD)
+        tracker.log_metrics(_trial_metrics(trial), cfg.train.steps)
     except BaseException as err:
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
         raise
     tracker.finish("FINISHED")
-    return final
+    (staging / TRIAL_RECORD).replace(run_dir / TRIAL_RECORD)
+    staging.rmdir()
+    return finished_metrics(run_dir)
+
+
+def _trial_metrics(trial: TrialRecord) -> dict[str, float]:
+    out = {"train_seconds": trial.train_seconds, "prune_seconds": trial.prune_seconds,
+           "circuits_found": float(trial.circuits_found)}
+    if trial.circuit_edges_geomean is not None:
+        out["circuit_edges_geomean"] = trial.circuit_edges_geomean
+    return out
+
+
+def finished_metrics(run_dir: Path) -> dict[str, float]:
+    """A finished trial's final metrics: training's summary and the trial record's figures."""
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    return dict(summary["final"]) | _trial_metrics(TrialRecord.load(run_dir / TRIAL_RECORD))
 
 
 def trial_record(cfg: ExperimentConfig, run_dir: Path, final: dict, records: dict[str, CircuitRecord], overlaps: dict,

@@ -69,7 +69,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
 
 def expand_trials(study: StudyConfig, base: Path | None, overrides: list[str]) -> list[TrialSpec]:
     keys = list(study.grid)
-    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*study.grid.values())]
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*study.grid.values())
+              ] if keys else []  # (the product of no lists is one empty point: not a trial)
     points += [dict(p) for p in study.points]
     trials, names = [], set()
     for index, point in enumerate(points):

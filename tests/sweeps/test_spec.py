@@ -51,3 +51,28 @@ def test_bad_studies_fail_before_compute(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as info:
         load_study(write(tmp_path, text))
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_points_only_study_has_exactly_its_points(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\npoints:\n  - {model.d_model: 64}\n  - {model.d_model: 32}\n")
+    _, trials = load_study(path)
+    assert [t.config.model.d_model for t in trials] == [64, 32]
+
+
+def test_study_keys_can_be_overridden_from_the_command_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ngrid:\n  model.d_model: [64]\n")
+    study, trials = load_study(path, ["study.storage_path=/x", "study.max_concurrent_trials=3", "train.steps=7"])
+    assert study.storage_path == "/x" and study.max_concurrent_trials == 3 and trials[0].config.train.steps == 7
+
+
+@pytest.mark.parametrize("name,count", [("smoke", 3), ("cpu", 7), ("paper", 27)])
+def test_shipped_studies_load(name, count):
+    from pathlib import Path
+
+    study, trials = load_study(Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml")
+    assert study.name == name and len(trials) == count
+    if name == "paper":  # the Figure 3 grid: 23 buildable (ef, L0) points (ef 1 at L0 7.4M is dense) + 4 baselines
+        assert sum(t.config.sparsity.density < 1 for t in trials) == 22
+        assert all(t.config.model.num_layers == 8 and t.config.prune.target_loss == 0.15 for t in trials)

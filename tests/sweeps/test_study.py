@@ -1,0 +1,126 @@
+"""The study end to end: `circuitscale study sweeps/smoke.yaml` on a small corpus, resumed after a
+SIGKILL, re-run without re-running finished trials, and the analysis notebook executed against it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+
+
+def study_args(corpus: Path, cache: Path, storage: Path) -> list[str]:
+    return [str(SMOKE), f"study.storage_path={storage}", f"data.sources=[{corpus}]", f"data.cache_dir={cache}",
+            "data.vocab_size=512", "data.val_fraction=0.2", "data.shard_tokens=20000",
+            "prune.tasks=[if_equals,while_return_true]"]
+
+
+def run_study(args: list[str], **kw) -> subprocess.Popen:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "study", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def child_runs(folder: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    return [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+
+
+def metrics_lines(folder: Path) -> dict[str, int]:
+    return {p.parent.name: len(p.read_text().splitlines()) for p in (folder / "trials").glob("*/metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def smoke(small_corpus, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("studies")
+    args = study_args(small_corpus, tmp_path_factory.mktemp("cache"), storage)
+    proc = run_study(args)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    return storage / "smoke", args, out
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_every_trial_and_reports_a_frontier(smoke):
+    folder, _, out = smoke
+    final = json.loads(out.strip().splitlines()[-1])
+    assert set(final) == {"wall_s", "overhead_ratio", "sparse_dense_edge_ratio"} and final["wall_s"] > 0
+    assert f"report: {folder / 'report' / 'report.html'}" in out
+    trials = sorted(p.name for p in (folder / "trials").iterdir())
+    assert len(trials) == 3
+    for name in trials:
+        record = json.loads((folder / "trials" / name / "trial.json").read_text())
+        assert record["circuits_tried"] == 2 and record["val_loss"] > 0
+        assert (folder / "trials" / name / "circuits" / "if_equals.html").is_file()
+    headline = json.loads((folder / "report" / "headline.json").read_text())
+    assert headline["trials"] == 3 and headline["frontier_points"] >= 1
+    assert (folder / "report" / "frontier.png").stat().st_size > 10_000
+    runs = child_runs(folder)  # one nested child run per trial, all finished, tagged
+    assert sorted(r.data.tags["trial"] for r in runs) == trials
+    assert all(r.info.status == "FINISHED" and r.data.tags["study"] == "smoke" for r in runs)
+    assert all("circuit/if_equals/seconds" in r.data.metrics and "val_loss" in r.data.metrics for r in runs)
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 3
+
+
+@pytest.mark.slow
+def test_rerun_keeps_finished_trials(smoke):
+    folder, args, _ = smoke
+    before = metrics_lines(folder)
+    proc = run_study(args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert metrics_lines(folder) == before  # no trial trained or logged again
+    assert len(child_runs(folder)) == 3
+
+
+@pytest.mark.slow
+def test_notebook_executes_against_the_study(smoke):
+    import nbformat
+    from nbclient import NotebookClient
+
+    folder, _, _ = smoke
+    nb = nbformat.read(ROOT / "analysis" / "frontier.ipynb", as_version=4)
+    os.environ["CIRCUITSCALE_STUDY"] = str(folder)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        del os.environ["CIRCUITSCALE_STUDY"]
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # the four figures
+    assert any("3 trials" in o.get("text", "") for o in outputs)
+
+
+@pytest.mark.slow
+def test_sigkilled_study_resumes_with_one_run_per_trial(small_corpus, tmp_path):
+    storage = tmp_path / "studies"
+    args = study_args(small_corpus, tmp_path / "cache", storage) + ["study.max_concurrent_trials=1"]
+    folder = storage / "smoke"
+    proc = run_study(args, start_new_session=True)
+    deadline = time.time() + 600
+    while not list((folder / "trials").glob("*/trial.json")):  # kill once the first trial has finished
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.communicate()
+    done_before = {p.parent.name for p in (folder / "trials").glob("*/trial.json")}
+    lines_before = metrics_lines(folder)
+    proc = run_study(args)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    assert "(resumed)" in out
+    after = metrics_lines(folder)
+    assert all(after[name] == lines_before[name] for name in done_before)  # finished trials were not rerun
+    runs = child_runs(folder)
+    assert len(runs) == 3 and len({r.data.tags["trial"] for r in runs}) == 3
+    assert all(r.info.status == "FINISHED" for r in runs)
