@@ -6,15 +6,15 @@ STAMP := $(VENV)/.installed
 # CPU build that lies on this machine's disk; the cluster image installs a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test study lint clean
+.PHONY: setup test study lint lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
 
 lint: setup
@@ -26,6 +26,12 @@ test: lint
 # The main job: the `cpu` study (Ray Tune grid -> trials -> pruning -> MLflow -> report). Run again, it resumes.
 study: setup
 	$(BIN)/circuitscale study sweeps/cpu.yaml
+
+# Re-pin every dependency (after changing pyproject.toml): torch is installed per platform, so not pinned here.
+lock: setup
+	{ sed -n '1,4p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' \
+	  | sed 's#^triton @ .*triton-\([0-9.]*\)-.*#triton==\1#'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

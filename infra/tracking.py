@@ -61,7 +61,9 @@ class RunTracker:
         if found is not None:
             experiment_id = found.experiment_id
         else:
-            artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
+            # a local store keeps artifacts beside it; a tracking server uses its own artifact root
+            local = self.uri.startswith("sqlite:")
+            artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri() if local else None
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         tags = dict(cfg.tags) | ({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)

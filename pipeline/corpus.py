@@ -2,7 +2,8 @@
 
 A source is a folder or glob of `.py` files, or a Parquet / Arrow IPC dataset with a text column,
 local or behind any `pyarrow.fs` URI (`s3://`, `gs://`, `file://`, ...). `python:stdlib` names the
-running interpreter's standard library (site-packages excluded). Every problem with a source is a
+running interpreter's standard library (site-packages excluded); `idioms` generated simple programs
+(pipeline/idioms.py), mixed with the others by byte weights (`data.mix`). Every problem with a source is a
 `DataError` raised before anything is written.
 """
 
@@ -23,8 +24,10 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.errors import DataError
+from pipeline.idioms import generate as generate_idioms
 
 STDLIB_SOURCE = "python:stdlib"
+IDIOMS_SOURCE = "idioms"  # generated simple programs (pipeline/idioms.py); a folder named so: write ./idioms
 CODE_SUFFIXES = (".py",)
 DATASET_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
@@ -52,32 +55,88 @@ class Corpus:
     documents: list[Document]  # deduplicated, in a content-defined order (sorted by digest)
     files: int = 0  # code files and dataset files read
     skipped: Counter = field(default_factory=Counter)  # reason -> count (binary, not_utf8, empty, duplicate)
-    per_source: dict[str, int] = field(default_factory=dict)  # source -> files found
+    per_source: dict[str, int] = field(default_factory=dict)  # source -> files found (programs for idioms)
+    bytes_per_source: dict[str, int] = field(default_factory=dict)  # source -> bytes kept after mix and dedup
 
 
 def collect_documents(
-    sources: list[str], *, exclude: list[str], text_column: str, progress: bool = True
+    sources: list[str], *, exclude: list[str], text_column: str, progress: bool = True,
+    mix: dict[str, float] | None = None, idioms_bytes: int = 20_000_000, idioms_seed: int = 0,
 ) -> Corpus:
-    """Read every source into deduplicated documents; raise DataError naming a bad source."""
-    files: list[SourceFile] = []
-    per_source = {}
+    """Read every source into deduplicated documents; raise DataError naming a bad source.
+
+    `idioms` is generated (pipeline/idioms.py), `idioms_bytes` of it unless `mix` says otherwise.
+    `mix` (source -> weight) sets each source's share of the corpus by bytes: the real sources give
+    what they have up to their share (documents in content-hash order, so the choice is stable) and
+    the generated one is sized to its share."""
+    weights = _mix_weights(sources, mix or {})
+    texts: dict[str, list[str]] = {}
+    corpus = Corpus(documents=[])
     for source in sources:
+        if source == IDIOMS_SOURCE:
+            continue
         found = list_source(source, exclude=exclude)
-        per_source[source] = len(found)
-        files.extend(found)
-    corpus = Corpus(documents=[], files=len(files), per_source=per_source)
+        corpus.per_source[source] = len(found)
+        corpus.files += len(found)
+        texts[source] = [t for item in tqdm(found, desc=f"reading {source}", unit="file", disable=not progress)
+                         for t in _read_texts(item, text_column, corpus.skipped)]
+    if weights:
+        texts = _apply_mix(texts, weights)
+    if IDIOMS_SOURCE in sources:
+        size = idioms_bytes
+        if weights:
+            real = sum(len(t.encode("utf-8")) for docs in texts.values() for t in docs)
+            share = weights[IDIOMS_SOURCE]
+            size = int(real * share / (1.0 - share)) if real and share < 1.0 else idioms_bytes
+        texts[IDIOMS_SOURCE] = list(tqdm(generate_idioms(idioms_seed, size), desc="generating idioms",
+                                         unit="program", disable=not progress))
+        corpus.per_source[IDIOMS_SOURCE] = len(texts[IDIOMS_SOURCE])
     unique: dict[str, Document] = {}
-    for item in tqdm(files, desc="reading sources", unit="file", disable=not progress):
-        for text in _read_texts(item, text_column, corpus.skipped):
+    for source, docs in texts.items():
+        corpus.bytes_per_source[source] = 0
+        for text in docs:
             doc = Document(text=text, digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
             if doc.digest in unique:
                 corpus.skipped["duplicate"] += 1
             else:
                 unique[doc.digest] = doc
+                corpus.bytes_per_source[source] += len(text.encode("utf-8"))
     if not unique:
         raise DataError(f"data.sources: no usable documents in {sources} (skipped: {dict(corpus.skipped)})")
     corpus.documents = [unique[d] for d in sorted(unique)]
     return corpus
+
+
+def _mix_weights(sources: list[str], mix: dict[str, float]) -> dict[str, float]:
+    if not mix:
+        return {}
+    if set(mix) != set(sources):
+        raise DataError(f"data.mix: must give a weight to every source and nothing else: sources {sources}, "
+                        f"mix {sorted(mix)}")
+    if any(w <= 0 for w in mix.values()):
+        raise DataError(f"data.mix: weights must be > 0, got {mix}")
+    total = sum(mix.values())
+    return {k: v / total for k, v in mix.items()}
+
+
+def _apply_mix(texts: dict[str, list[str]], weights: dict[str, float]) -> dict[str, list[str]]:
+    """Trim the real sources to their byte shares: the scarcest source (relative to its weight) is used
+    whole, the others up to weight x that total, in content-hash order."""
+    sizes = {s: sum(len(t.encode("utf-8")) for t in docs) for s, docs in texts.items()}
+    if not sizes:
+        return texts
+    real_share = sum(weights[s] for s in sizes)
+    total = min(sizes[s] / (weights[s] / real_share) for s in sizes)  # bytes of all real sources together
+    out = {}
+    for source, docs in texts.items():
+        budget, kept, used = total * weights[source] / real_share, [], 0
+        for text in sorted(docs, key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest()):
+            if used >= budget:
+                break
+            kept.append(text)
+            used += len(text.encode("utf-8"))
+        out[source] = kept
+    return out
 
 
 def list_source(source: str, *, exclude: list[str]) -> list[SourceFile]:

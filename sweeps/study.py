@@ -37,6 +37,8 @@ from pipeline.data import build_data
 from pipeline.errors import UserError
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
+PLACEMENT = "placement.json"  # in each trial folder: the Ray node its rank 0 ran on
+
 
 @dataclass(frozen=True)
 class StudyResult:
@@ -77,7 +79,14 @@ def _worker_loop(config: dict) -> None:
         import torch
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the GPU Ray gave this worker
-    final = run_launched_trial(config["cfg"], device=device, prune=config["prune"], log=lambda _: None)
+    cfg = config["cfg"]
+    if ray.train.get_context().get_world_rank() == 0:  # where the trial ran (the cluster rehearsal checks it)
+        context = ray.get_runtime_context()
+        folder = Path(cfg.train.run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PLACEMENT).write_text(json.dumps({"node_id": context.get_node_id(),
+                                                    "node_ip": ray.util.get_node_ip_address()}))
+    final = run_launched_trial(cfg, device=device, prune=config["prune"], log=lambda _: None)
     ray.train.report(final or {})  # (never a `done` key: Tune would stop the trial before Train cleans up)
 
 

@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -48,3 +50,48 @@ def stdlib_dataset(tmp_path_factory) -> DataResult:
     """The default corpus and tokenizer (the running interpreter's standard library, vocab 2048)."""
     cfg = resolve_config(None, [f"data.cache_dir={tmp_path_factory.mktemp('stdlib')}"])
     return build_data(cfg.data, progress=False)
+
+
+# --- the smoke study (sweeps/smoke.yaml) on the small corpus: run once per session, shared by the study
+# tests and the cluster rehearsal (which compares its results against this single-node run) ----------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _smoke_args(corpus: Path, cache: Path, storage: Path) -> list[str]:
+    return [str(ROOT / "sweeps" / "smoke.yaml"), f"study.storage_path={storage}", f"data.sources=[{corpus}]",
+            f"data.cache_dir={cache}", "data.vocab_size=512", "data.val_fraction=0.2", "data.shard_tokens=20000",
+            "prune.tasks=[if_equals,while_return_true]"]
+
+
+def _study_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    """`circuitscale study ARGS` in a subprocess (stdout and stderr together)."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "study", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def smoke_args():
+    return _smoke_args
+
+
+@pytest.fixture(scope="session")
+def study_cli():
+    return _study_cli
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smoke-cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_study(small_corpus, smoke_cache, tmp_path_factory):
+    """(study folder, its CLI arguments, its output) of one finished single-node smoke study."""
+    storage = tmp_path_factory.mktemp("studies")
+    args = _smoke_args(small_corpus, smoke_cache, storage)
+    proc = _study_cli(args)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    return storage / "smoke", args, out

@@ -4,8 +4,6 @@ SIGKILL, re-run without re-running finished trials, and the analysis notebook ex
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,19 +11,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = ROOT / "sweeps" / "smoke.yaml"
-
-
-def study_args(corpus: Path, cache: Path, storage: Path) -> list[str]:
-    return [str(SMOKE), f"study.storage_path={storage}", f"data.sources=[{corpus}]", f"data.cache_dir={cache}",
-            "data.vocab_size=512", "data.val_fraction=0.2", "data.shard_tokens=20000",
-            "prune.tasks=[if_equals,while_return_true]"]
-
-
-def run_study(args: list[str], **kw) -> subprocess.Popen:
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "study", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def child_runs(folder: Path) -> list:
@@ -39,13 +24,8 @@ def metrics_lines(folder: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def smoke(small_corpus, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("studies")
-    args = study_args(small_corpus, tmp_path_factory.mktemp("cache"), storage)
-    proc = run_study(args)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-5000:]
-    return storage / "smoke", args, out
+def smoke(smoke_study):
+    return smoke_study
 
 
 @pytest.mark.slow
@@ -73,10 +53,10 @@ def test_smoke_study_runs_every_trial_and_reports_a_frontier(smoke):
 
 
 @pytest.mark.slow
-def test_rerun_keeps_finished_trials(smoke):
+def test_rerun_keeps_finished_trials(smoke, study_cli):
     folder, args, _ = smoke
     before = metrics_lines(folder)
-    proc = run_study(args)
+    proc = study_cli(args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert metrics_lines(folder) == before  # no trial trained or logged again
@@ -102,11 +82,11 @@ def test_notebook_executes_against_the_study(smoke):
 
 
 @pytest.mark.slow
-def test_sigkilled_study_resumes_with_one_run_per_trial(small_corpus, tmp_path):
+def test_sigkilled_study_resumes_with_one_run_per_trial(small_corpus, smoke_cache, tmp_path, study_cli, smoke_args):
     storage = tmp_path / "studies"
-    args = study_args(small_corpus, tmp_path / "cache", storage) + ["study.max_concurrent_trials=1"]
+    args = smoke_args(small_corpus, smoke_cache, storage) + ["study.max_concurrent_trials=1"]
     folder = storage / "smoke"
-    proc = run_study(args, start_new_session=True)
+    proc = study_cli(args, start_new_session=True)
     deadline = time.time() + 600
     while not list((folder / "trials").glob("*/trial.json")):  # kill once the first trial has finished
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
@@ -115,7 +95,7 @@ def test_sigkilled_study_resumes_with_one_run_per_trial(small_corpus, tmp_path):
     proc.communicate()
     done_before = {p.parent.name for p in (folder / "trials").glob("*/trial.json")}
     lines_before = metrics_lines(folder)
-    proc = run_study(args)
+    proc = study_cli(args)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-5000:]
     assert "(resumed)" in out
