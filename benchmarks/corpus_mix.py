@@ -2,7 +2,8 @@
 
 With the `cpu` preset (4 layers, d_model 128, context 128, 600 steps of 4096 tokens), dense and
 density 1/16, over several seeds: train on the standard library alone, and on the standard library
-mixed with generated idioms by bytes (`--mix` is the idioms share), each through `run_trial`. Report
+mixed with generated idioms by bytes (`--mix` is the idioms share), each through the training loop
+(`pipeline.train.train`; no MLflow, so it also runs on a bare GPU machine with `--device cuda`). Report
 per-task accuracy (held-out task pairs), how many context tasks are learned (mean accuracy over seeds
 > 0.8; else_elif is left out: bigram statistics alone solve it), and validation loss per byte on
 held-out real code (the stdlib files the content-hash split holds out; the same files for both
@@ -28,14 +29,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from model.gpt import GPT  # noqa: E402
 from pipeline.config import resolve_config  # noqa: E402
 from pipeline.corpus import STDLIB_SOURCE, collect_documents  # noqa: E402
 from pipeline.data import build_data, split_documents  # noqa: E402
+from pipeline.evaluate import task_metrics  # noqa: E402
 from pipeline.idioms import generate  # noqa: E402
-from pipeline.trial import run_trial  # noqa: E402
+from pipeline.train import NullTracker, train  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
 HELD_OUT_IDIOMS_SEED = 10_000  # no training corpus uses it
@@ -55,7 +56,9 @@ def nats_per_byte(model: GPT, tokenizer, texts: list[str], context: int) -> floa
     width = context + 1
     windows = torch.tensor(ids[: len(ids) // width * width]).view(-1, width)
     nll, predicted = 0.0, []
+    device = next(model.parameters()).device
     for batch in windows.split(32):
+        batch = batch.to(device)
         logits = model(batch[:, :-1])
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                                reduction="sum").item()
@@ -70,9 +73,10 @@ def main() -> None:
     parser.add_argument("--mix", type=float, default=0.5, help="idioms share of the mixed corpus, by bytes")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.0625])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     corpora = {
-        "stdlib": [],
+        "stdlib": ["data.sources=[python:stdlib]", "data.mix={}"],
         "mix": ["data.sources=[python:stdlib,idioms]",
                 f"data.mix={{python:stdlib: {1 - args.mix}, idioms: {args.mix}}}"],
     }
@@ -85,7 +89,7 @@ def main() -> None:
             cfg = resolve_config(PRESET, extra)
             dataset = build_data(cfg.data, progress=False).dataset
             tokenizer = dataset.tokenizer()
-            print(f"{corpus}: {json.dumps(dataset.manifest['bytes_per_source'])} bytes; "
+            print(f"{corpus}: {json.dumps(dataset.manifest.get('bytes_per_source', {}))} bytes; "
                   f"{dataset.manifest['splits']['train']['tokens']:,} train tokens", flush=True)
             for density in args.densities:
                 for seed in range(args.seeds):
@@ -93,17 +97,21 @@ def main() -> None:
                     run = Path(scratch) / f"{corpus}-{density}-{seed}"
                     cfg = resolve_config(PRESET, [*extra, f"train.run_dir={run}", f"train.seed={seed}",
                                                   f"train.steps={args.steps}", f"sparsity.density={density}"])
-                    final = run_trial(cfg, progress=False, log=lambda _: None).final
-                    model = GPT(cfg.model, tokenizer.get_vocab_size())
-                    model.load_state_dict(load_file(str(run / "export" / "model.safetensors")))
+                    result = train(cfg, dataset, run, NullTracker(), device=args.device, progress=False,
+                                   log=lambda _: None)
+                    model = GPT(cfg.model, tokenizer.get_vocab_size(), device=args.device)
+                    model.load_state_dict({k[len("model/"):]: v for k, v in result.state.items()
+                                           if k.startswith("model/")})
                     model.eval()
+                    scores = task_metrics(model, tokenizer, [], device=args.device, log=lambda _: None)
                     row = {
-                        "tasks": {k.split("/")[1]: v for k, v in final.items() if k.endswith("/accuracy")},
+                        "tasks": {k.split("/")[1]: v for k, v in scores.items() if k.endswith("/accuracy")},
                         "real": nats_per_byte(model, tokenizer, real_val, cfg.model.context_length),
                         "idioms": nats_per_byte(model, tokenizer, idioms_val, cfg.model.context_length),
                         "seconds": time.perf_counter() - tick,
                     }
                     results.setdefault((corpus, density), []).append(row)
+                    row["val_loss"] = result.final["val_loss"]
                     print(f"  {corpus:6s} density {density:<7g} seed {seed}: real code {row['real']:.4f} "
                           f"nats/byte, idioms {row['idioms']:.4f}, mean task accuracy "
                           f"{statistics.mean(row['tasks'].values()):.3f}, {row['seconds']:.0f} s", flush=True)

@@ -27,10 +27,11 @@ from pipeline.shards import map_shard  # noqa: E402
 from pipeline.trial import run_trial  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
+STDLIB_ONLY = ["data.sources=[python:stdlib]", "data.mix={}"]  # the preset mixes in idioms
 
 
 def trial(scratch: Path, name: str, *overrides: str) -> tuple[dict, list[dict]]:
-    cfg = resolve_config(PRESET, [f"train.run_dir={scratch / name}", *overrides])
+    cfg = resolve_config(PRESET, [*STDLIB_ONLY, f"train.run_dir={scratch / name}", *overrides])
     result = run_trial(cfg, progress=False, log=lambda _: None)
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     return result.final, lines

@@ -12,9 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
-
 RUN_FILE, METRICS_FILE = "mlflow_run.json", "metrics.jsonl"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -46,6 +43,8 @@ class RunTracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict[str, object]) -> None:
         self.run_dir = run_dir
         self.uri = tracking_uri(cfg, run_dir)
+        from mlflow.tracking import MlflowClient  # imported on use: configs and records need no MLflow
+
         self.client = MlflowClient(tracking_uri=self.uri)
         self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
         self.run_id, self.resumed = self._open_run(cfg, run_name, params)
@@ -67,6 +66,8 @@ class RunTracker:
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         tags = dict(cfg.tags) | ({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run.info.run_id, params=items[start : start + 100])
@@ -77,6 +78,8 @@ class RunTracker:
         stamp = int(time.time() * 1000)
         self._jsonl.write(json.dumps({"step": step, "time": stamp / 1000, **metrics}) + "\n")
         self._jsonl.flush()
+        from mlflow.entities import Metric
+
         finite = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if math.isfinite(float(v))]
         for start in range(0, len(finite), 1000):
             self.client.log_batch(self.run_id, metrics=finite[start : start + 1000])
@@ -88,6 +91,8 @@ class RunTracker:
         self.client.log_artifacts(self.run_id, str(folder), under)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def close(self) -> None:
@@ -106,13 +111,17 @@ class RunTracker:
             except Exception:
                 if attempt:
                     raise
-                self.client = MlflowClient(tracking_uri=self.uri)
+                from mlflow.tracking import MlflowClient  # imported on use: configs and records need no MLflow
+
+        self.client = MlflowClient(tracking_uri=self.uri)
         self._jsonl.close()
 
 
 def download_run_artifacts(uri: str, experiment: str, artifact: str) -> list[str]:
     """The text of `artifact` from every finished run of `experiment` that has it (a study's trials)."""
     import tempfile
+
+    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)

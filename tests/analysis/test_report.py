@@ -65,3 +65,13 @@ def test_report_writes_markdown_html_and_figures(study):
     assert "data:image/png;base64," in html and "002-sparse" in html and "<table>" in html
     again = write_report(study)  # `circuitscale report` later: the wall time is remembered
     assert again.headline["wall_s"] == 40.0
+
+
+def test_report_verb_rewrites_the_report_and_rejects_other_folders(study, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["report", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {(study / 'report' / 'report.html').resolve()}" in out and "4 trials" in out
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a study folder" in capsys.readouterr().err

@@ -117,7 +117,24 @@ def local_cluster(tmp_path):
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_processes(port)
+
+
+def stop_ray_processes(port: int) -> None:
+    """Kill the processes of the cluster on `port` only (`ray stop` would kill every Ray on the machine)."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if f"127.0.0.1:{port}" in cmdline or f"--gcs_server_port={port}" in cmdline:
+            mine.append(proc)
+    for proc in mine:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(mine, timeout=30)
 
 
 @pytest.mark.slow
