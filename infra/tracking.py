@@ -111,9 +111,7 @@ class RunTracker:
             except Exception:
                 if attempt:
                     raise
-                from mlflow.tracking import MlflowClient  # imported on use: configs and records need no MLflow
-
-        self.client = MlflowClient(tracking_uri=self.uri)
+                self.client = type(self.client)(tracking_uri=self.uri)
         self._jsonl.close()
 
 

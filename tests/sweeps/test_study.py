@@ -82,17 +82,32 @@ def test_notebook_executes_against_the_study(smoke):
 
 
 @pytest.mark.slow
-def test_sigkilled_study_resumes_with_one_run_per_trial(small_corpus, smoke_cache, tmp_path, study_cli, smoke_args):
+def test_interrupted_study_resumes_with_one_run_per_trial(small_corpus, smoke_cache, tmp_path, study_cli, smoke_args):
+    """Ctrl-C after the first trial, SIGKILL after the second, then the same command finishes the study:
+    finished trials are not rerun and MLflow holds exactly one finished child run per trial."""
     storage = tmp_path / "studies"
     args = smoke_args(small_corpus, smoke_cache, storage) + ["study.max_concurrent_trials=1"]
     folder = storage / "smoke"
-    proc = study_cli(args, start_new_session=True)
-    deadline = time.time() + 600
-    while not list((folder / "trials").glob("*/trial.json")):  # kill once the first trial has finished
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.communicate()
+
+    def run_until(done: int, sig: int) -> tuple[int, str]:
+        proc = study_cli(args, start_new_session=True)
+        deadline = time.time() + 600
+        while len(list((folder / "trials").glob("*/trial.json"))) < done:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        if sig == signal.SIGINT:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        out, _ = proc.communicate(timeout=300)
+        return proc.returncode, out
+
+    code, out = run_until(1, signal.SIGINT)
+    assert code == 130 and "interrupted" in out, out[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    parent_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    run_until(2, signal.SIGKILL)
     done_before = {p.parent.name for p in (folder / "trials").glob("*/trial.json")}
     lines_before = metrics_lines(folder)
     proc = study_cli(args)
@@ -100,10 +115,11 @@ def test_sigkilled_study_resumes_with_one_run_per_trial(small_corpus, smoke_cach
     assert proc.returncode == 0, out[-5000:]
     assert "(resumed)" in out
     after = metrics_lines(folder)
-    assert all(after[name] == lines_before[name] for name in done_before)  # finished trials were not rerun
+    assert len(done_before) >= 2 and all(after[name] == lines_before[name] for name in done_before)
     runs = child_runs(folder)
     assert len(runs) == 3 and len({r.data.tags["trial"] for r in runs}) == 3
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert client.get_run(parent_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow

@@ -1,0 +1,35 @@
+import json
+
+from mlflow.tracking import MlflowClient
+
+from infra.tracking import RunTracker, TrackingConfig
+
+
+def test_run_is_resumed_nested_and_finished_even_after_a_failed_call(tmp_path, monkeypatch):
+    cfg = TrackingConfig(experiment="e", parent_run_id=None, tags={"trial": "t0"})
+    tracker = RunTracker(cfg, tmp_path, run_name="r", params={"a": 1})
+    tracker.log_metrics({"loss": 1.5, "bad": float("nan")}, step=3)
+    first = tracker.client
+    calls = []
+
+    def flaky(run_id, status):  # an interrupt left the client unusable: the first attempt fails
+        calls.append(status)
+        raise RuntimeError("session gone")
+
+    monkeypatch.setattr(first, "set_terminated", flaky)
+    tracker.finish("FINISHED")
+    assert calls == ["FINISHED"] and tracker.client is not first  # retried with a fresh client
+    client = MlflowClient(tracking_uri=tracker.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["trial"] == "t0" and run.data.params["a"] == "1"
+    assert run.data.metrics == {"loss": 1.5}  # non-finite values stay in metrics.jsonl only
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 3
+    again = RunTracker(cfg, tmp_path, run_name="r", params={})
+    assert again.resumed and again.run_id == tracker.run_id
+    (tmp_path / "child").mkdir()
+    child = RunTracker(TrackingConfig(uri=tracker.uri, experiment="e", parent_run_id=tracker.run_id),
+                       tmp_path / "child", run_name="c", params={})
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == tracker.run_id
+    again.finish("KILLED", "stopped")
+    child.finish("FINISHED")
+    assert client.get_run(tracker.run_id).info.status == "KILLED"
