@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     corpora = {
-        "stdlib": ["data.sources=[python:stdlib]", "data.mix={}"],
+        "stdlib": ["data.sources=[python:stdlib]", "data.mix=null"],
         "mix": ["data.sources=[python:stdlib,idioms]",
                 f"data.mix={{python:stdlib: {1 - args.mix}, idioms: {args.mix}}}"],
     }

@@ -26,7 +26,7 @@ from pipeline.shards import encode_documents, token_dtype  # noqa: E402
 from pipeline.tokenizer import eot_id  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
-STDLIB_ONLY = ["data.sources=[python:stdlib]", "data.mix={}"]  # the preset mixes in idioms
+STDLIB_ONLY = ["data.sources=[python:stdlib]", "data.mix=null"]  # the preset mixes in idioms
 # METHOD.md 8: the fastest measured CPU training run (2L d64, dense) processes ~31k tokens/s.
 FASTEST_TRAINING_TOKENS_PER_S = 31_000
 

@@ -27,7 +27,7 @@ from pipeline.shards import map_shard  # noqa: E402
 from pipeline.trial import run_trial  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
-STDLIB_ONLY = ["data.sources=[python:stdlib]", "data.mix={}"]  # the preset mixes in idioms
+STDLIB_ONLY = ["data.sources=[python:stdlib]", "data.mix=null"]  # the preset mixes in idioms
 
 
 def trial(scratch: Path, name: str, *overrides: str) -> tuple[dict, list[dict]]:

@@ -64,6 +64,8 @@ def spawn(fn: Callable[..., None], workers: int, *args) -> None:
     interrupted (Ctrl-C, SIGTERM) the workers are stopped too, and they die with it on SIGKILL.
     """
     port = free_port()
+    if workers > 1:
+        prebuild_cpu_comm_op()
     context = mp.start_processes(_entry, args=(fn, workers, port, args), nprocs=workers, start_method="spawn",
                                  join=False)
     try:
@@ -74,6 +76,23 @@ def spawn(fn: Callable[..., None], workers: int, *args) -> None:
             if process.is_alive():
                 process.terminate()
         raise
+
+
+def prebuild_cpu_comm_op() -> None:
+    """On CPU, DeepSpeed JIT-compiles its shared-memory allreduce op the first time a group starts; build
+    it here, once, so the workers load the cached module instead of all compiling it at the same moment
+    (a first run on a fresh machine once aborted a worker right after that build)."""
+    if torch.cuda.is_available():
+        return
+    accelerator_env()
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            builder.load(verbose=False)
+    except Exception:  # noqa: BLE001 - the workers will report a real problem themselves
+        pass
 
 
 def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, args: tuple) -> None:

@@ -40,8 +40,9 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents (by content hash) held out for validation
     shard_tokens: int = 1 << 24
     cache_dir: str = "runs/data"
-    # Byte shares of the sources (source -> weight, e.g. {idioms: 1, "python:stdlib": 1}); empty: all of each.
-    mix: dict[str, float] = field(default_factory=dict)
+    # Byte shares of the sources (source -> weight, e.g. {idioms: 1, "python:stdlib": 3}); null: all of each.
+    # (null, not {}, clears a preset's mix: OmegaConf merges dicts key by key)
+    mix: dict[str, float] | None = None
     idioms_mb: float = 20.0  # size of the generated `idioms` source when no mix sizes it
     idioms_seed: int = 0
 
@@ -65,8 +66,9 @@ def check_data_config(cfg: DataConfig) -> None:
     if cfg.idioms_mb <= 0:
         raise ValueError(f"data.idioms_mb: must be > 0, got {cfg.idioms_mb}")
     if cfg.mix and set(cfg.mix) != set(cfg.sources):
-        raise ValueError(f"data.mix: must weigh exactly the sources {list(cfg.sources)}, got {sorted(cfg.mix)}")
-    if any(w <= 0 for w in cfg.mix.values()):
+        raise ValueError(f"data.mix: must weigh exactly the sources {list(cfg.sources)}, got {sorted(cfg.mix)} "
+                         "(data.mix=null uses every source whole)")
+    if any(w <= 0 for w in (cfg.mix or {}).values()):
         raise ValueError(f"data.mix: weights must be > 0, got {dict(cfg.mix)}")
 
 
@@ -107,7 +109,8 @@ def build_data(
     """Build (or reuse) the dataset for `cfg`; `config_yaml` is written beside the shards."""
     start = time.perf_counter()
     corpus = collect_documents(
-        cfg.sources, exclude=cfg.exclude, text_column=cfg.text_column, progress=progress, mix=dict(cfg.mix),
+        cfg.sources, exclude=cfg.exclude, text_column=cfg.text_column, progress=progress,
+        mix=dict(cfg.mix or {}),
         idioms_bytes=int(cfg.idioms_mb * 1e6), idioms_seed=cfg.idioms_seed,
     )
     splits = split_documents(corpus.documents, cfg.val_fraction)

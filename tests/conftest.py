@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _smoke_args(corpus: Path, cache: Path, storage: Path) -> list[str]:
     return [str(ROOT / "sweeps" / "smoke.yaml"), f"study.storage_path={storage}", f"data.sources=[{corpus}]",
-            f"data.cache_dir={cache}", "data.mix={}", "data.vocab_size=512", "data.val_fraction=0.2",
+            f"data.cache_dir={cache}", "data.mix=null", "data.vocab_size=512", "data.val_fraction=0.2",
             "data.shard_tokens=20000", "prune.tasks=[if_equals,while_return_true]"]
 
 

@@ -96,3 +96,13 @@ def test_mix_trims_real_sources_to_their_share(small_corpus, tmp_path):
     assert mixed.bytes_per_source["idioms"] == pytest.approx(3 * real, rel=0.02)
     with pytest.raises(DataError, match="data.mix"):
         collect_documents([str(small_corpus)], exclude=[], text_column="text", progress=False, mix={"x": 1.0})
+
+
+def test_a_presets_mix_is_cleared_with_null(small_corpus):
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[2] / "sweeps" / "configs" / "cpu.yaml"
+    assert resolve_config(preset).data.mix == {"python:stdlib": 0.75, "idioms": 0.25}
+    with pytest.raises(ConfigError, match="data.mix=null"):
+        resolve_config(preset, [f"data.sources=[{small_corpus}]"])
+    assert resolve_config(preset, [f"data.sources=[{small_corpus}]", "data.mix=null"]).data.mix is None
