@@ -155,9 +155,11 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, log=print
 
 
 def init_ray(verbose: int = 1) -> None:
-    """Join RAY_ADDRESS's cluster (or the `ray job submit` one), else start a local Ray (no dashboard)."""
+    """Join RAY_ADDRESS's cluster (set by `ray job submit`; `RAY_ADDRESS=auto` joins a `ray start` cluster on
+    this machine), else start a fresh local Ray (no dashboard); never a stale cluster a `ray start` left."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=verbose > 1, configure_logging=verbose > 1)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 log_to_driver=verbose > 1, configure_logging=verbose > 1)
 
 
 def _fit(study: StudyConfig, configs: dict, folder: Path, verbose: int) -> tuple[dict, dict]:

@@ -91,8 +91,13 @@ def wait_for(check, what: str, timeout: float = 120) -> None:
 def local_cluster(tmp_path):
     """A two-node Ray cluster on loopback (1 CPU each, custom resources node_a / node_b) and an MLflow
     tracking server process; everything is stopped afterwards."""
+    import secrets
+
     port, mlflow_port = free_port(), free_port()
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    token = tmp_path / "ray_auth_token"  # Ray 2.60 clusters authenticate every client with a token
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"} | auth
     env.pop("RAY_ADDRESS", None)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     ray = str(BIN / "ray")
@@ -112,7 +117,7 @@ def local_cluster(tmp_path):
                 return s.connect_ex(("127.0.0.1", mlflow_port)) == 0
 
         wait_for(up, "the MLflow server")
-        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{mlflow_port}"
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}, f"http://127.0.0.1:{mlflow_port}"
     finally:
         if server is not None:
             server.terminate()
@@ -127,7 +132,7 @@ def stop_ray_processes(port: int) -> None:
     mine = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if f"127.0.0.1:{port}" in cmdline or f"--gcs_server_port={port}" in cmdline:
+        if re.search(rf"[:=]{port}\b", cmdline) and "ray" in cmdline:  # GCS address or port in its arguments
             mine.append(proc)
     for proc in mine:
         try:
@@ -135,6 +140,9 @@ def stop_ray_processes(port: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(mine, timeout=30)
+    current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would also remove
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 @pytest.mark.slow
@@ -142,10 +150,10 @@ def test_rehearsal_two_nodes_and_an_mlflow_server_match_a_single_node_run(
         local_cluster, smoke_study, smoke_args, study_cli, small_corpus, smoke_cache, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    address, uri = local_cluster
+    ray_env, uri = local_cluster
     storage = tmp_path / "studies"
     args = smoke_args(small_corpus, smoke_cache, storage) + [f"study.tracking_uri={uri}"]
-    proc = study_cli(args, env={"RAY_ADDRESS": address})
+    proc = study_cli(args, env=ray_env)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-5000:]
     folder = storage / "smoke"
