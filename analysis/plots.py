@@ -44,11 +44,7 @@ def frontier_figure(rows: list[dict], front: list[int]):
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no trial has a circuit yet", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("pretraining validation loss (nats/token)")
-    ax.set_ylabel("circuit edges (geometric mean over tasks)")
-    ax.set_title("capability vs interpretability")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "pretraining validation loss (nats/token)", "capability vs interpretability")
 
 
 def target_curve_figure(rows: list[dict]):
@@ -78,11 +74,8 @@ def target_curve_figure(rows: list[dict]):
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no circuits", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("target task loss (tighter to the right)")
-    ax.set_ylabel("circuit edges (geometric mean over tasks)")
-    ax.set_title("circuit size vs target loss: sparse (solid) vs dense (dashed)")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "target task loss (tighter to the right)",
+                   "circuit size vs target loss: sparse (solid) vs dense (dashed)")
 
 
 def task_sizes_figure(rows: list[dict]):
@@ -118,6 +111,14 @@ def structure_figure(rows: list[dict]):
             ax.set_xscale("log")
         ax.set_xlabel("L0 (nonzero weights)")
         ax.set_ylabel(label)
+    fig.tight_layout()
+    return fig
+
+
+def _finish(fig, ax, xlabel: str, title: str, ylabel: str = "circuit edges (geometric mean over tasks)"):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 

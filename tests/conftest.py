@@ -95,3 +95,24 @@ def smoke_study(small_corpus, smoke_cache, tmp_path_factory):
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-5000:]
     return storage / "smoke", args, out
+
+
+@pytest.fixture(scope="session")
+def tiny_task_setup(small_dataset):
+    """(model, node means, train pairs, test pairs, pad id, loader, tokenizer): a 1-layer d32 untrained
+    model on the small corpus with 8 if_equals pairs per split, for pruning and viewer tests."""
+    from model.config import ModelConfig
+    from model.gpt import GPT
+    from pipeline.loader import TokenLoader
+    from pipeline.prune import node_means
+    from pipeline.tasks import TASKS, encode_task
+
+    ds = small_dataset.dataset
+    tok = ds.tokenizer()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(d_model=32, num_layers=1, d_head=8, context_length=32), tok.get_vocab_size()).eval()
+    loader = TokenLoader(ds, split="train", batch_size=4, context_length=32)
+    means = node_means(model, loader, 2, "pooled")
+    train = encode_task(TASKS["if_equals"], tok, split="train", pairs=8)
+    test = encode_task(TASKS["if_equals"], tok, split="test", pairs=8)
+    return model, means, train, test, tok.get_vocab_size() - 1, loader, tok

@@ -3,11 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.gpt import GPT
 from model.graph import all_kept, locations
 from model.hooks import intervene, record
-from pipeline.loader import TokenLoader
 from pipeline.prune import (
     NodeMask,
     PruneConfig,
@@ -19,20 +16,11 @@ from pipeline.prune import (
     prune_task,
 )
 from pipeline.records import CircuitRecord
-from pipeline.tasks import TASKS, encode_task
 
 
 @pytest.fixture(scope="module")
-def setup(small_dataset):
-    ds = small_dataset.dataset
-    tok = ds.tokenizer()
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(d_model=32, num_layers=1, d_head=8, context_length=32), tok.get_vocab_size()).eval()
-    loader = TokenLoader(ds, split="train", batch_size=4, context_length=32)
-    means = node_means(model, loader, 2, "pooled")
-    train = encode_task(TASKS["if_equals"], tok, split="train", pairs=8)
-    test = encode_task(TASKS["if_equals"], tok, split="test", pairs=8)
-    return model, means, train, test, tok.get_vocab_size() - 1, loader
+def setup(tiny_task_setup):
+    return tiny_task_setup[:6]
 
 
 def test_node_means_shapes_and_pooling(setup):

@@ -8,28 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.gpt import GPT
 from model.graph import Node, all_kept, edge_list, edge_weight, hook_name, kept_from_nodes
 from model.hooks import record
-from pipeline.loader import TokenLoader
-from pipeline.prune import PruneConfig, circuit_loss, node_means, prune_task
+from pipeline.prune import PruneConfig, circuit_loss, prune_task
 from pipeline.records import CircuitRecord
-from pipeline.tasks import TASKS, encode_task
 from pipeline.viewer import KIND_COLOUR, node_examples, padded, render
 
 
 @pytest.fixture(scope="module")
-def circuit(small_dataset):
-    ds = small_dataset.dataset
-    tok = ds.tokenizer()
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(d_model=32, num_layers=1, d_head=8, context_length=32), tok.get_vocab_size()).eval()
-    loader = TokenLoader(ds, split="train", batch_size=4, context_length=32)
-    means = node_means(model, loader, 2, "pooled")
-    train = encode_task(TASKS["if_equals"], tok, split="train", pairs=8)
-    test = encode_task(TASKS["if_equals"], tok, split="test", pairs=8)
-    pad = tok.get_vocab_size() - 1
+def circuit(tiny_task_setup):
+    model, means, train, test, pad, loader, tok = tiny_task_setup
     full = circuit_loss(model, train, all_kept(model), means, pad, "cpu")
     rec = prune_task(model, train, test, means, dataclasses.replace(PruneConfig(), steps=5, target_loss=full + 0.05),
                      pad_id=pad)  # an untrained model: the empty circuit does; give it a hand-picked one to draw
