@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.records import TrialRecord
-
-TRIAL_FILE = "trial.json"
+from pipeline.records import TRIAL_FILE, TrialRecord
 
 
 def trial_records(study_folder: str | Path) -> list[TrialRecord]:

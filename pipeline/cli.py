@@ -152,8 +152,6 @@ def run_study(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
     from sweeps.study import run_study as study
 
-    if not Path(args.sweep).is_file():
-        raise ConfigError(f"study file {args.sweep} does not exist")
     bad = [x for x in args.overrides if "=" not in x]
     if bad:
         raise ConfigError(f"study: overrides must be KEY=VALUE, got {bad}")

@@ -37,6 +37,9 @@ class CircuitRecord:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
+TRIAL_FILE = "trial.json"  # a TrialRecord, in each trial's run folder and as its MLflow artifact
+
+
 @dataclass
 class TrialRecord:
     """One trained-and-pruned trial of a study (`trial.json` in its run folder): what the frontier needs."""

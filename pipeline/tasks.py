@@ -297,11 +297,17 @@ def last_logits(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, c
                 device: str | torch.device) -> torch.Tensor:
     """Logits at each prompt's last token: right-padded (causal attention never sees the padding),
     left-truncated to the context."""
+    batch, lengths = pad_prompts(prompts, context_length, pad_id)
+    logits = model(batch.to(device))  # (B, T, V)
+    last = torch.tensor([n - 1 for n in lengths], device=device)
+    return logits[torch.arange(len(lengths), device=device), last]  # (B, V)
+
+
+def pad_prompts(prompts: list[list[int]], context_length: int, fill: int) -> tuple[torch.Tensor, list[int]]:
+    """Prompts left-truncated to the context and right-padded with `fill` into one (B, T) batch, and
+    each prompt's length in it."""
     cut = [p[-context_length:] for p in prompts]
-    width = max(len(p) for p in cut)
-    batch = torch.full((len(cut), width), pad_id, dtype=torch.long)
+    batch = torch.full((len(cut), max(len(p) for p in cut)), fill, dtype=torch.long)
     for i, p in enumerate(cut):
         batch[i, : len(p)] = torch.tensor(p)
-    logits = model(batch.to(device))  # (B, T, V)
-    last = torch.tensor([len(p) - 1 for p in cut], device=device)
-    return logits[torch.arange(len(cut), device=device), last]  # (B, V)
+    return batch, [len(p) for p in cut]

@@ -27,13 +27,12 @@ from pipeline.evaluate import task_metrics
 from pipeline.export import export_model
 from pipeline.loader import TokenLoader
 from pipeline.prune import geometric_mean_edges, node_means, overlap, prune_task
-from pipeline.records import CircuitRecord, TrialRecord
+from pipeline.records import TRIAL_FILE, CircuitRecord, TrialRecord
 from pipeline.tasks import EncodedTask, encode_suite
 from pipeline.train import NonFiniteLoss, NullTracker, train
 from pipeline.viewer import node_examples, padded, render
 
 SUMMARY = "final_metrics.json"
-TRIAL_RECORD = "trial.json"
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def run_launched_trial(cfg: ExperimentConfig, *, device: str = "cpu", prune: boo
     A rerun resumes from the run folder's checkpoints and continues the same MLflow run."""
     run_dir = run_dir_for(cfg)
     lead = int(os.environ.get("RANK", "0")) == 0
-    if (run_dir / TRIAL_RECORD).is_file():  # finished before (its record is written last): not rerun
+    if (run_dir / TRIAL_FILE).is_file():  # finished before (its record is written last): not rerun
         return finished_metrics(run_dir) if lead else None
     dataset = build_data(cfg.data, progress=False).dataset  # built by the study before any trial
     if not lead:
@@ -137,21 +136,22 @@ def run_launched_trial(cfg: ExperimentConfig, *, device: str = "cpu", prune: boo
             tracker.log_artifact(artifact)
         records, overlaps, tick = {}, {}, time.perf_counter()
         if prune:
-            result = prune_run(run_dir, cfg, device=device, progress=False, log=log, tracker=tracker)
+            result = prune_run(run_dir, cfg, device=device, progress=False, log=log, tracker=tracker,
+                               dataset=dataset)
             records, overlaps = result.records, result.overlap
         final["prune_seconds"] = time.perf_counter() - tick
         trial = trial_record(cfg, run_dir, final, records, overlaps,
                              vocab_size=dataset.manifest["tokenizer"]["vocab_size"])
         staging = run_dir / "staging"  # the record lands in run_dir only after the run is FINISHED
         staging.mkdir(exist_ok=True)
-        trial.save(staging / TRIAL_RECORD)
-        tracker.log_artifact(staging / TRIAL_RECORD)
+        trial.save(staging / TRIAL_FILE)
+        tracker.log_artifact(staging / TRIAL_FILE)
         tracker.log_metrics(_trial_metrics(trial), cfg.train.steps)
     except BaseException as err:
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
         raise
     tracker.finish("FINISHED")
-    (staging / TRIAL_RECORD).replace(run_dir / TRIAL_RECORD)
+    (staging / TRIAL_FILE).replace(run_dir / TRIAL_FILE)
     staging.rmdir()
     return finished_metrics(run_dir)
 
@@ -167,7 +167,7 @@ def _trial_metrics(trial: TrialRecord) -> dict[str, float]:
 def finished_metrics(run_dir: Path) -> dict[str, float]:
     """A finished trial's final metrics: training's summary and the trial record's figures."""
     summary = json.loads((run_dir / SUMMARY).read_text())
-    return dict(summary["final"]) | _trial_metrics(TrialRecord.load(run_dir / TRIAL_RECORD))
+    return dict(summary["final"]) | _trial_metrics(TrialRecord.load(run_dir / TRIAL_FILE))
 
 
 def trial_record(cfg: ExperimentConfig, run_dir: Path, final: dict, records: dict[str, CircuitRecord], overlaps: dict,
@@ -222,13 +222,15 @@ class PruneResult:
 def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = True,
               log: Callable[[str], None] = print,
               search: Callable[[str], CircuitRecord | None] | None = None,
-              tracker: RunTracker | None = None) -> PruneResult:
+              tracker: RunTracker | None = None, dataset: Dataset | None = None) -> PruneResult:
     """Prune every task (or prune.tasks) in the trained model of `run_dir`; records, viewer pages and
     the overlap matrix go to run_dir/circuits/ and to the run's MLflow run. `search(task)`, when given,
     returns the best circuit of a settings search (None if no setting reached the target). With
-    `tracker` (the caller's open run), the caller owns the run's final status."""
-    model, tokenizer, means = load_for_pruning(run_dir, cfg, device)
-    data_batches = viewer_batches(cfg)
+    `tracker` (the caller's open run), the caller owns the run's final status; `dataset`, when the
+    caller already has it, saves building (hashing, generating) the corpus again."""
+    dataset = dataset or build_data(cfg.data, progress=False).dataset
+    model, tokenizer, means = load_for_pruning(run_dir, cfg, device, dataset)
+    data_batches = viewer_batches(cfg, dataset)
     train_tasks, failures = encode_suite(tokenizer, list(cfg.prune.tasks), split="train", pairs=cfg.prune.pairs)
     test_tasks, _ = encode_suite(tokenizer, list(train_tasks), split="test", pairs=cfg.prune.pairs)
     for message in failures.values():
@@ -267,9 +269,8 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, *, device: str = "cpu", prog
     return PruneResult(folder, records, failures, overlaps, geomean)
 
 
-def viewer_batches(cfg: ExperimentConfig) -> list[torch.Tensor]:
+def viewer_batches(cfg: ExperimentConfig, dataset: Dataset) -> list[torch.Tensor]:
     """The held-out pretraining batches the viewer searches for each node's top-activating contexts."""
-    dataset = build_data(cfg.data, progress=False).dataset
     loader = TokenLoader(dataset, split="val", batch_size=cfg.train.batch_size,
                          context_length=cfg.model.context_length, seed=cfg.train.seed)
     return [loader.batch(i)[:, :-1] for i in range(cfg.prune.viewer_batches)]
@@ -288,12 +289,12 @@ def write_viewer(path: Path, record: CircuitRecord, model, tokenizer, task: Enco
     path.write_text(page, encoding="utf-8")
 
 
-def load_for_pruning(run_dir: Path, cfg: ExperimentConfig, device: str = "cpu"):
+def load_for_pruning(run_dir: Path, cfg: ExperimentConfig, device: str = "cpu", dataset: Dataset | None = None):
     """The run's trained model (eval mode, frozen), its tokenizer, and the node means pruning ablates to."""
     weights = run_dir / "export" / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{run_dir} holds no trained model ({weights} is missing); run `circuitscale train` first")
-    dataset = build_data(cfg.data, progress=False).dataset
+    dataset = dataset or build_data(cfg.data, progress=False).dataset
     tokenizer = dataset.tokenizer()
     model = GPT(cfg.model, tokenizer.get_vocab_size(), device=device)
     model.load_state_dict(load_file(str(weights)))

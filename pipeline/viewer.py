@@ -20,6 +20,7 @@ from model.gpt import GPT
 from model.graph import hook_name
 from model.hooks import record
 from pipeline.records import CircuitRecord
+from pipeline.tasks import pad_prompts
 
 # Forward order of node kinds within a layer (the columns of the drawing).
 KIND_ORDER = ("embed", "attn_in", "q", "k", "v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out", "final", "logit")
@@ -91,14 +92,8 @@ def _unique(items: list) -> list:
 
 def padded(prompts: list[list[int]], context_length: int, batch_size: int = 64) -> list[torch.Tensor]:
     """Task prompts as right-padded batches with -1 marking padding (see node_examples)."""
-    batches = []
-    for start in range(0, len(prompts), batch_size):
-        cut = [p[-context_length:] for p in prompts[start: start + batch_size]]
-        batch = torch.full((len(cut), max(len(p) for p in cut)), -1, dtype=torch.long)
-        for i, p in enumerate(cut):
-            batch[i, : len(p)] = torch.tensor(p)
-        batches.append(batch)
-    return batches
+    return [pad_prompts(prompts[start: start + batch_size], context_length, -1)[0]
+            for start in range(0, len(prompts), batch_size)]
 
 
 def _column(layer: int, kind: str) -> tuple[int, int]:

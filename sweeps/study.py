@@ -35,7 +35,7 @@ from infra.tracking import RunTracker, tracking_uri
 from pipeline.config import ExperimentConfig
 from pipeline.data import build_data
 from pipeline.errors import UserError
-from pipeline.trial import TRIAL_RECORD
+from pipeline.records import TRIAL_FILE
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
 PLACEMENT = "placement.json"  # in each trial folder: the Ray node its rank 0 ran on
@@ -130,7 +130,7 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, log=print
                          }.values():
             build_data(data_cfg, progress=verbose > 0)  # once, before the trials share its cache
         results, failed = _fit(study, configs, folder, verbose)
-        unfinished = [n for n in configs if n not in failed and not (folder / "trials" / n / TRIAL_RECORD).is_file()]
+        unfinished = [n for n in configs if n not in failed and not (folder / "trials" / n / TRIAL_FILE).is_file()]
         if unfinished:  # Tune returns after Ctrl-C with the experiment saved: the study is interrupted
             log(f"study {study.name} interrupted with {len(unfinished)} trial(s) unfinished; "
                 "run the same command to resume it")
