@@ -75,9 +75,7 @@ def run_trial(
     the run's status, rank 0 of the workers its metrics and exports."""
     dataset = build_data(cfg.data, config_yaml=config_to_yaml(cfg), progress=progress).dataset
     run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = save_config(cfg, run_dir)
-    tracker = RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params=flat_params(cfg))
+    config_path, tracker = _open_run(cfg, run_dir)
     log(f"run folder {run_dir.resolve()}; MLflow run {tracker.run_id} at {tracker.uri}"
         + (" (resumed)" if tracker.resumed else ""))
     try:
@@ -85,10 +83,7 @@ def run_trial(
             train_worker(cfg, dataset.folder, run_dir, device, progress, tracker)
         else:
             spawn(train_worker, cfg.trial.workers, cfg, dataset.folder, run_dir, device, progress, None)
-        summary = json.loads((run_dir / SUMMARY).read_text())
-        tracker.log_metrics(summary["final"], cfg.train.steps)
-        for artifact in (config_path, run_dir / SUMMARY):
-            tracker.log_artifact(artifact)
+        summary = _log_training(cfg, run_dir, config_path, tracker)
     except NonFiniteLoss as err:
         tracker.finish("FAILED", str(err))
         raise
@@ -109,6 +104,22 @@ def run_trial(
                        mlflow_run_id=tracker.run_id, resumed_from=summary["resumed_from"], final=summary["final"])
 
 
+def _open_run(cfg: ExperimentConfig, run_dir: Path) -> tuple[Path, RunTracker]:
+    """The run folder with its resolved config, and its MLflow run (continued if it exists)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_config(cfg, run_dir)
+    return config_path, RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params=flat_params(cfg))
+
+
+def _log_training(cfg: ExperimentConfig, run_dir: Path, config_path: Path, tracker: RunTracker) -> dict:
+    """After training: the summary rank 0 wrote, its final metrics and files logged to the run."""
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    tracker.log_metrics(summary["final"], cfg.train.steps)
+    for artifact in (config_path, run_dir / SUMMARY):
+        tracker.log_artifact(artifact)
+    return summary
+
+
 def run_launched_trial(cfg: ExperimentConfig, *, device: str = "cpu", prune: bool = True,
                        log: Callable[[str], None] = print) -> dict[str, float] | None:
     """The trial on one rank that a launcher started (Ray Train's TorchTrainer, torchrun; RANK and
@@ -123,17 +134,13 @@ def run_launched_trial(cfg: ExperimentConfig, *, device: str = "cpu", prune: boo
     if not lead:
         train_worker(cfg, dataset.folder, run_dir, device, False, NullTracker())
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = save_config(cfg, run_dir)
-    tracker = RunTracker(cfg.tracking, run_dir, run_name=run_dir.name, params=flat_params(cfg))
+    config_path, tracker = _open_run(cfg, run_dir)
     try:
         tick = time.perf_counter()
         train_worker(cfg, dataset.folder, run_dir, device, False, tracker)
-        summary = json.loads((run_dir / SUMMARY).read_text())
-        final = dict(summary["final"]) | {"train_seconds": time.perf_counter() - tick}
-        tracker.log_metrics(final, cfg.train.steps)
-        for artifact in (config_path, run_dir / SUMMARY):
-            tracker.log_artifact(artifact)
+        final = dict(_log_training(cfg, run_dir, config_path, tracker)["final"])
+        final["train_seconds"] = time.perf_counter() - tick
+        tracker.log_metrics({"train_seconds": final["train_seconds"]}, cfg.train.steps)
         records, overlaps, tick = {}, {}, time.perf_counter()
         if prune:
             result = prune_run(run_dir, cfg, device=device, progress=False, log=log, tracker=tracker,
