@@ -116,7 +116,7 @@ def bench_fused_step(device, repeats) -> dict:
                         torch._foreach_mul_([t.param for t in tensors], 1 - 1e-4)
             else:
                 opt = build_optimizer(model, tensors, TrainConfig(), sparsity)
-                opt.densities = {"matrix": density, "embedding": density, "bias": 1.0}
+                opt.schedule(TrainConfig().lr, {"matrix": density, "embedding": density, "bias": 1.0})
                 step = opt.step
             for p in model.parameters():
                 p.grad = torch.randn_like(p)

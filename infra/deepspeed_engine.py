@@ -7,6 +7,19 @@ therefore projects through the master weights: `safe_get_full_fp32_param` on eve
 top-k mask everywhere (a deterministic function of identical data), decay, `safe_set_full_fp32_param`,
 and the same values into the module's copy. Under stage 0 there is no master copy and the optimizer
 projects the real parameters itself.
+
+DeepSpeed internals this engine relies on (not public API; `DEEPSPEED_INTERNALS` names them, the
+version range in pyproject.toml pins them, tests/infra/test_deepspeed_internals.py checks them):
+- the ZeRO optimizer's `_global_grad_norm` (stages 1-3), set before it steps our optimizer one
+  parameter group at a time: the gradient RMS over all groups and ranks comes from it;
+- `DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state()` (stages 1-2), which links the fp32
+  optimizer-state views that `safe_set_full_optimizer_state` writes; called at once, or a resume
+  before the first step could not restore the Adam moments;
+- `DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat` (stage 3): the flat fp32 partitions it
+  swaps into our optimizer's groups only while stepping; their Adam state is created up front for the
+  same reason.
+Everything else is public: `deepspeed.initialize`, `engine.backward/step`, `deepspeed.utils.safe_*`,
+`deepspeed.zero.GatheredParameters`.
 """
 
 import math
@@ -16,16 +29,41 @@ import torch
 from torch import nn
 
 from infra.distributed import accelerator_env, all_reduce_mean, init_process_group
-from infra.engine import DeepSpeedConfig, LossFn, _load_masks, _mask_tensors
+from infra.engine_base import DeepSpeedConfig, LossFn, load_masks, mask_tensors
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+# class -> the private members of it this engine uses (see the module docstring)
+DEEPSPEED_INTERNALS = {
+    "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer": ("_global_grad_norm",
+                                                                    "_lazy_init_hp_params_optimizer_state"),
+    "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3": ("_global_grad_norm",
+                                                                    "fp32_partitioned_groups_flat"),
+}
+
+
+def _global_grad_norm(zero) -> float:
+    """The ZeRO optimizer's global gradient norm of the step in progress (a DeepSpeed internal)."""
+    return float(zero._global_grad_norm)
+
+
+def _fp32_partitions(zero) -> list[torch.Tensor]:
+    """ZeRO 3's flat fp32 partitions, the tensors its optimizer state is keyed by (a DeepSpeed internal)."""
+    return list(zero.fp32_partitioned_groups_flat)
+
+
+def _link_optimizer_state(zero) -> None:
+    """Link ZeRO 1/2's fp32 optimizer-state views now rather than after the first step (a DeepSpeed
+    internal; stage 3 links them when it builds the state)."""
+    link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
 
 
 class DeepSpeedEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DeepSpeedConfig, *,
                  micro_batch: int, grad_accum: int, attach_masks) -> None:
         accelerator_env()
-        import deepspeed
+        import deepspeed  # after accelerator_env(): DeepSpeed picks its accelerator when imported
 
         self.rank, self.world_size = init_process_group(cfg.backend)
         self.stage, self.sparse, self.attach_masks = cfg.zero_stage, optimizer, attach_masks
@@ -45,12 +83,13 @@ class DeepSpeedEngine:
             # ZeRO steps the optimizer one parameter group at a time, after computing the global
             # gradient norm over all groups and ranks: normalize every group by that one RMS.
             zero = self.engine.optimizer
-            optimizer.global_rms = lambda: float(zero._global_grad_norm) / math.sqrt(optimizer.numel)
-            optimizer.init_state()  # ZeRO links its state views after the first group's step ...
-            link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-            if link is not None:  # ... so link them now, or a resume could not set them (ZeRO 1/2)
-                link()
+            optimizer.use_global_rms(lambda: _global_grad_norm(zero) / math.sqrt(optimizer.numel))
+            # ZeRO links its state views after the first group's step, so create and link them now, or a
+            # resume before the first step could not restore the Adam moments
+            optimizer.init_state(_fp32_partitions(zero) if self.stage == 3 else None)
+            _link_optimizer_state(zero)
         self._deepspeed = deepspeed
+        self._utils = deepspeed.utils
 
     def forward_backward(self, micro_batches: list[torch.Tensor], loss_fn: LossFn) -> float:
         total = 0.0
@@ -63,9 +102,7 @@ class DeepSpeedEngine:
         return all_reduce_mean(total / len(micro_batches))
 
     def step(self, lr: float, densities: dict[str, float]) -> dict[str, float]:
-        for group in self.sparse.param_groups:
-            group["lr"] = lr
-        self.sparse.densities = densities
+        self.sparse.schedule(lr, densities)
         self.engine.step()
         timings = dict(self.sparse.timings)
         if self.stage >= 1:
@@ -78,18 +115,14 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def _project(self, lr: float) -> None:
         """Project and decay through the fp32 master weights, identically on every rank."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
         for _, p in self.names:
             if p not in self.sparse.specs:
                 continue
-            full = safe_get_full_fp32_param(p)  # a collective under ZeRO: every rank, same order
+            full = self._utils.safe_get_full_fp32_param(p)  # a collective under ZeRO: every rank, same order
             self.sparse.project_(p, full, lr)
-            self._set_weight(p, full, safe_set_full_fp32_param)
+            self._set_weight(p, full)
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
         tensors: dict[str, torch.Tensor] = {}
         step = self._step_count()
         for name, p in self.names:
@@ -98,8 +131,8 @@ class DeepSpeedEngine:
                 state = self.sparse.state.get(p, {})
                 moments = {k: state[k] for k in _MOMENTS if k in state}
             else:
-                tensors[f"model/{name}"] = safe_get_full_fp32_param(p)
-                moments = {k: safe_get_full_optimizer_state(p, k) for k in _MOMENTS} if step else {}
+                tensors[f"model/{name}"] = self._utils.safe_get_full_fp32_param(p)
+                moments = {k: self._utils.safe_get_full_optimizer_state(p, k) for k in _MOMENTS} if step else {}
             for key, value in moments.items():
                 tensors[f"optim/{name}/{key}"] = value
             if step:
@@ -108,17 +141,15 @@ class DeepSpeedEngine:
         for key, value in self.module.state_dict().items():
             if key not in params:  # persistent buffers (a fixed bigram table)
                 tensors[f"model/{key}"] = value
-        tensors.update(_mask_tensors(self.module))
+        tensors.update(mask_tensors(self.module))
         tensors["rng/torch"] = torch.get_rng_state()
         return tensors
 
     def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         self.sparse.init_state()  # in place: ZeRO holds views of these tensors
         for name, p in self.names:
             value = tensors[f"model/{name}"]
-            self._set_weight(p, value, safe_set_full_fp32_param)
+            self._set_weight(p, value)
             for key in _MOMENTS:
                 if f"optim/{name}/{key}" not in tensors:
                     continue
@@ -126,7 +157,7 @@ class DeepSpeedEngine:
                 if self.stage == 0:
                     self.sparse.state[p][key] = moment.clone()
                 else:
-                    safe_set_full_optimizer_state(p, moment, key)
+                    self._utils.safe_set_full_optimizer_state(p, moment, key)
         steps = [v for k, v in tensors.items() if k.startswith("optim/") and k.endswith("/step")]
         if steps:
             for state in self.sparse.state.values():
@@ -135,9 +166,8 @@ class DeepSpeedEngine:
         buffers = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/") and k[6:] not in params}
         if buffers:
             self.module.load_state_dict(buffers, strict=False)
-        _load_masks(self.module, tensors, next(self.module.parameters()).device)
+        load_masks(self.module, tensors, next(self.module.parameters()).device)
         torch.set_rng_state(tensors["rng/torch"])
-
 
     def _step_count(self) -> int:
         for state in self.sparse.state.values():
@@ -145,10 +175,10 @@ class DeepSpeedEngine:
                 return int(state["step"])
         return 0
 
-    def _set_weight(self, p: nn.Parameter, value: torch.Tensor, set_master) -> None:
+    def _set_weight(self, p: nn.Parameter, value: torch.Tensor) -> None:
         value = value.to(device=p.device, dtype=torch.float32)
         if self.stage >= 1:
-            set_master(p, value)
+            self._utils.safe_set_full_fp32_param(p, value)
         if self.stage == 3:
             with self._deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if self.rank == 0:

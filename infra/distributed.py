@@ -14,10 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def launched_by_launcher() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+from torch.multiprocessing import ProcessRaisedException
 
 
 def free_port() -> int:
@@ -60,22 +57,40 @@ def all_reduce_mean(value: float) -> float:
 def spawn(fn: Callable[..., None], workers: int, *args) -> None:
     """Run `fn(*args)` in `workers` local processes joined in one group (ranks 0..workers-1).
 
-    If one worker fails the others are stopped and the failure is raised here; if this process is
-    interrupted (Ctrl-C, SIGTERM) the workers are stopped too, and they die with it on SIGKILL.
+    If a worker raises, the others are stopped and the worker's own exception is raised here (chained to
+    torch's report, which carries the worker's traceback); a worker that dies without raising (a signal)
+    raises torch's ProcessExitedException. If this process is interrupted (Ctrl-C, SIGTERM) the workers
+    get SIGTERM (an interrupt in them) and a moment to end their runs; they die with it on SIGKILL.
     """
     port = free_port()
     if workers > 1:
         prebuild_cpu_comm_op()
-    context = mp.start_processes(_entry, args=(fn, workers, port, args), nprocs=workers, start_method="spawn",
-                                 join=False)
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    processes = mp.start_processes(_entry, args=(fn, workers, port, errors, args), nprocs=workers,
+                                   start_method="spawn", join=False)
     try:
-        while not context.join():
+        while not processes.join():
             pass
-    except BaseException:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    except ProcessRaisedException as failure:
+        _stop(processes.processes)
+        if not errors.empty():
+            raise errors.get() from failure
         raise
+    except BaseException:
+        _stop(processes.processes)
+        raise
+
+
+def _stop(processes: list, grace_s: float = 60.0) -> None:
+    """SIGTERM to the workers still alive, then wait for them to finish their runs' bookkeeping."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=grace_s)
+        if process.is_alive():  # stuck (e.g. in a collective with a dead peer)
+            process.kill()
 
 
 def prebuild_cpu_comm_op() -> None:
@@ -86,7 +101,7 @@ def prebuild_cpu_comm_op() -> None:
         return
     accelerator_env()
     try:
-        from deepspeed.accelerator import get_accelerator
+        from deepspeed.accelerator import get_accelerator  # after accelerator_env(), as above
 
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is not None:
@@ -95,14 +110,26 @@ def prebuild_cpu_comm_op() -> None:
         pass
 
 
-def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, errors, args: tuple) -> None:
     _die_with_parent()
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped by the parent: an interrupt, so runs end KILLED
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     accelerator_env()
     if not torch.cuda.is_available():  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    fn(*args)
+    try:
+        fn(*args)
+    except BaseException as err:
+        try:
+            errors.put(err)  # the exception itself, for spawn() to raise in the parent
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: torch's report still names it
+            pass
+        raise
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _die_with_parent() -> None:

@@ -3,27 +3,19 @@ plain-torch engine for one process or a DeepSpeed engine (ZeRO stage 0..3) for o
 
 Engines take the model and its optimizer ready-made (inject, don't construct). The optimizer is the
 fused sparse Adam: it normalizes the gradient RMS, updates, and (on real parameters) projects and
-decays. Full state for checkpoints is exchanged as named tensors in one engine-agnostic layout, so a
-run can resume on another worker count:
-  model/<name>  optim/<param name>/<exp_avg|exp_avg_sq|step>  mask/<module name>  rng/torch
+decays. Full state for checkpoints is exchanged as named tensors in one engine-agnostic layout
+(infra/engine_base.py), so a run can resume on another worker count.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from infra.engine_base import DeepSpeedConfig, LossFn, load_masks, mask_tensors
 
-@dataclass(kw_only=True, frozen=True)
-class DeepSpeedConfig:
-    zero_stage: Literal[0, 1, 2, 3] = 2  # checked by its type; no range rule needed
-    precision: Literal["fp32", "bf16"] = "fp32"
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on CPU
-
-
-LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+__all__ = ["DeepSpeedConfig", "Engine", "LossFn", "TorchEngine", "wrap"]
 
 
 class Engine(Protocol):
@@ -64,9 +56,7 @@ class TorchEngine:
         return total
 
     def step(self, lr: float, densities: dict[str, float]) -> dict[str, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.densities = densities
+        self.optimizer.schedule(lr, densities)
         self.optimizer.step()
         self.attach_masks(self.optimizer.masks)
         return {"grad_rms": self.optimizer.grad_rms, **self.optimizer.timings}
@@ -77,7 +67,7 @@ class TorchEngine:
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
                 tensors[f"optim/{names[p]}/{key}"] = value
-        tensors.update(_mask_tensors(self.module))
+        tensors.update(mask_tensors(self.module))
         tensors["rng/torch"] = torch.get_rng_state()
         return tensors
 
@@ -89,7 +79,7 @@ class TorchEngine:
             if key.startswith("optim/"):
                 name, field = key[len("optim/"):].rsplit("/", 1)
                 self.optimizer.state[params[name]][field] = value if field == "step" else value.to(device)
-        _load_masks(self.module, tensors, device)
+        load_masks(self.module, tensors, device)
         torch.set_rng_state(tensors["rng/torch"])
 
 
@@ -106,17 +96,8 @@ def wrap(
     """The one wrapping function: `engine` is "torch" or "deepspeed"."""
     if engine == "torch":
         return TorchEngine(model, optimizer, attach_masks)
-    from infra.deepspeed_engine import DeepSpeedEngine  # imports deepspeed only when asked for
+    # deepspeed (seconds to import, and it picks its accelerator then) only when a DeepSpeed engine is asked for
+    from infra.deepspeed_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(model, optimizer, cfg, micro_batch=micro_batch, grad_accum=grad_accum,
                            attach_masks=attach_masks)
-
-
-def _mask_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"mask/{name}": m.mask for name, m in module.named_modules() if getattr(m, "mask", None) is not None}
-
-
-def _load_masks(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    for key, value in tensors.items():
-        if key.startswith("mask/"):
-            module.get_submodule(key[len("mask/"):]).mask = value.to(device=device, dtype=torch.bool)

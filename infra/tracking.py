@@ -8,12 +8,17 @@ with a status: FINISHED, FAILED (reason in the `failure_reason` tag) or KILLED.
 
 import json
 import math
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 RUN_FILE, METRICS_FILE = "mlflow_run.json", "metrics.jsonl"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+Status = Literal["FINISHED", "FAILED", "KILLED"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -43,7 +48,8 @@ class RunTracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, run_name: str, params: dict[str, object]) -> None:
         self.run_dir = run_dir
         self.uri = tracking_uri(cfg, run_dir)
-        from mlflow.tracking import MlflowClient  # imported on use: configs and records need no MLflow
+        # imported on use: MLflow takes seconds to import, and every config imports this module
+        from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
         self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
@@ -66,11 +72,10 @@ class RunTracker:
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         tags = dict(cfg.tags) | ({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # on use, as MlflowClient above
 
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run.info.run_id, params=items[start : start + 100])
+        # MlflowClient.log_batch splits a batch into the server's limits itself
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()])
         record.write_text(json.dumps({"run_id": run.info.run_id, "uri": self.uri}))
         return run.info.run_id, False
 
@@ -78,11 +83,10 @@ class RunTracker:
         stamp = int(time.time() * 1000)
         self._jsonl.write(json.dumps({"step": step, "time": stamp / 1000, **metrics}) + "\n")
         self._jsonl.flush()
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # on use, as MlflowClient above
 
         finite = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        for start in range(0, len(finite), 1000):
-            self.client.log_batch(self.run_id, metrics=finite[start : start + 1000])
+        self.client.log_batch(self.run_id, metrics=finite)
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -91,17 +95,13 @@ class RunTracker:
         self.client.log_artifacts(self.run_id, str(folder), under)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # on use, as MlflowClient above
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def close(self) -> None:
-        self._jsonl.close()
-
-    def finish(self, status: str, reason: str | None = None) -> None:
+    def finish(self, status: Status, reason: str | None = None) -> None:
         """End the run with its status. An interrupt may have landed inside an MLflow call and left its
         session unusable, so a failed attempt is retried once with a fresh client."""
-        assert status in ("FINISHED", "FAILED", "KILLED"), status
         for attempt in range(2):
             try:
                 if reason:
@@ -115,11 +115,35 @@ class RunTracker:
         self._jsonl.close()
 
 
+@contextmanager
+def tracked_run(cfg: TrackingConfig, run_dir: Path, *, run_name: str | None = None,
+                params: dict[str, object] | None = None) -> Iterator[RunTracker]:
+    """The run of `run_dir` (created, or continued when the folder names one) for the block, which owns
+    its status: FINISHED when the block completes, KILLED on an interrupt (Ctrl-C, or SIGTERM turned into
+    one), FAILED with the exception as its `failure_reason` on anything else. The exception propagates."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = RunTracker(cfg, run_dir, run_name=run_name or run_dir.name, params=params or {})
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", "interrupted")
+        raise
+    except BaseException as err:
+        tracker.finish("FAILED", f"{type(err).__name__}: {err}")
+        raise
+    tracker.finish("FINISHED")
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
 def download_run_artifacts(uri: str, experiment: str, artifact: str) -> list[str]:
     """The text of `artifact` from every finished run of `experiment` that has it (a study's trials)."""
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # imported on use: see RunTracker
 
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)

@@ -9,7 +9,7 @@ gradient, so they can come back. Decay applies to weight matrices (embeddings in
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,9 @@ class SparseAdam(torch.optim.Optimizer):
     """Adam (betas, eps per group) whose step first normalizes the global gradient RMS, then updates,
     projects and decays, through `kernels`.
 
-    Set each group's `lr` and the optimizer's `densities` ({"matrix": d, "embedding": d, "bias": d})
-    before `step()`. `masks` holds the last mask of every projected tensor, `grad_rms` the last RMS.
+    Call `schedule(lr, densities)` ({"matrix": d, "embedding": d, "bias": d}) before each `step()`. A
+    sharding engine that steps one parameter group at a time gives the gradient RMS over all groups and
+    ranks through `use_global_rms(fn)`. `masks` holds the last mask of every projected tensor, `grad_rms` the last RMS.
     Under a sharding engine the params become flat partitions that `specs` does not name: the step
     then only normalizes and updates, and the engine projects through its master weights.
     State is created for every parameter by `init_state()` (DeepSpeed links its views of the state
@@ -97,19 +98,29 @@ class SparseAdam(torch.optim.Optimizer):
         self.specs, self.weight_decay, self.floor, self.kernels = specs, weight_decay, floor, kernels
         self.grad_rms_mode = grad_rms
         self.numel = sum(p.numel() for g in self.param_groups for p in g["params"])
-        # Set by a sharding engine that steps one group at a time: the RMS over all groups and ranks.
-        self.global_rms: Callable[[], float] | None = None
+        self._global_rms: Callable[[], float] | None = None
         self.densities = {"matrix": 1.0, "embedding": 1.0, "bias": 1.0}
         self.masks: dict[torch.Tensor, torch.Tensor] = {}
         self.grad_rms = float("nan")
         self.timings: dict[str, float] = {}  # seconds of the last step: adam_s, topk_s, mask_decay_s
+
+    def schedule(self, lr: float, densities: dict[str, float]) -> None:
+        """This step's learning rate (every group) and target density per tensor group."""
+        for group in self.param_groups:
+            group["lr"] = lr
+        self.densities = dict(densities)
+
+    def use_global_rms(self, rms: Callable[[], float]) -> None:
+        """Normalize by `rms()`, the global gradient RMS of the step in progress, instead of computing it
+        from the gradients this optimizer sees (a sharding engine's partitions, one group at a time)."""
+        self._global_rms = rms
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> None:
         assert closure is None, "SparseAdam takes no closure"
         start = time.perf_counter()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        rms = self.global_rms() if self.global_rms is not None else None
+        rms = self._global_rms() if self._global_rms is not None else None
         self.grad_rms = normalize_grad_rms_(grads, self.grad_rms_mode, numel=self.numel, rms=rms)
         for group in self.param_groups:
             self._adam(group)
@@ -139,14 +150,16 @@ class SparseAdam(torch.optim.Optimizer):
             timings["topk_s"] += tock - tick
             timings["mask_decay_s"] += time.perf_counter() - tock
 
-    def init_state(self) -> None:
-        """Zero Adam state for every parameter that has none yet (the same as lazy creation)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not self.state[p]:
-                    self.state[p]["step"] = torch.zeros((), dtype=torch.float64)
-                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def init_state(self, params: Iterable[torch.Tensor] | None = None) -> None:
+        """Zero Adam state for every parameter of the groups (or for `params`, tensors a sharding engine
+        swaps into the groups only while it steps) that has none yet: the same as lazy creation."""
+        if params is None:
+            params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["step"] = torch.zeros((), dtype=torch.float64)
+                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _adam(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs = [], [], [], []

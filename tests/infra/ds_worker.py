@@ -65,3 +65,11 @@ def final_weights(kind: str, stage: int, out: str) -> None:
     state = engine.full_state()
     if rank == 0:
         torch.save({k: v for k, v in state.items() if k.startswith("model/")}, out)
+
+
+class WorkerError(ValueError):
+    """An exception type of the test's own, so the parent can be checked to raise exactly it."""
+
+
+def fail(message: str) -> None:
+    raise WorkerError(f"{message} on rank {os.environ['RANK']}")

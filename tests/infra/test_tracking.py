@@ -1,8 +1,10 @@
 import json
+from contextlib import nullcontext
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.tracking import RunTracker, TrackingConfig
+from infra.tracking import RunTracker, TrackingConfig, tracked_run
 
 
 def test_run_is_resumed_nested_and_finished_even_after_a_failed_call(tmp_path, monkeypatch):
@@ -33,3 +35,21 @@ def test_run_is_resumed_nested_and_finished_even_after_a_failed_call(tmp_path, m
     again.finish("KILLED", "stopped")
     child.finish("FINISHED")
     assert client.get_run(tracker.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize(("raised", "status", "reason"), [
+    (None, "FINISHED", None),
+    (ValueError("bad shard"), "FAILED", "ValueError: bad shard"),
+    (KeyboardInterrupt(), "KILLED", "interrupted"),
+])
+def test_tracked_run_owns_the_status_of_every_outcome(tmp_path, raised, status, reason):
+    cfg = TrackingConfig(experiment="e")
+    with pytest.raises(type(raised)) if raised else nullcontext():
+        with tracked_run(cfg, tmp_path / "run", params={"a": 1}) as tracker:
+            tracker.log_metrics({"loss": 1.0}, step=1)
+            if raised:
+                raise raised
+    run = MlflowClient(tracking_uri=tracker.uri).get_run(tracker.run_id)
+    assert run.info.status == status and run.data.tags.get("failure_reason") == reason
+    with tracked_run(cfg, tmp_path / "run") as again:  # the same folder continues the same run
+        assert again.resumed and again.run_id == tracker.run_id
