@@ -41,6 +41,7 @@ def select_kernels(device: torch.device | str, backend: Backend = "auto") -> Ker
     if backend in ("cuda", "triton"):
         if device.type != "cuda":
             raise ValueError(f"model.kernels: {backend} needs a CUDA device, got {device}; use cpu or auto")
+        # triton only where its kernels run: it is a Linux-only dependency, and importing it costs seconds
         from kernels.triton_linear import masked_linear_triton
         from kernels.triton_optimizer import adam_update_triton, mask_decay_triton
 

@@ -1,8 +1,10 @@
-"""Forward-only linear on compressed (CSR) weights, for evaluation, task scoring and pruning.
+"""Forward-only linear on compressed (CSR) weights (`GPT.compress_()`).
 
-Measured on the 2-core CPU (d_model 1024, 4096 tokens): CSR x dense through torch.sparse.addmm beats
-the dense product at density 1/64 and below, and about ties at 1/16. Gradients still flow to the
-input (pruning needs them for its masks); the weight itself is frozen in this form.
+Nothing in the pipeline uses this path: it is checked against the masked linear, its twin
+(tests/kernels/test_sparse_inference.py), and benchmarked (benchmarks/kernels.py). Measured on the
+2-core CPU (d_model 1024, 4096 tokens): CSR x dense through torch.sparse.addmm beats the dense product
+at density 1/64 and below, and about ties at 1/16. Gradients still flow to the input (as learning
+pruning masks would need); the weight itself is frozen in this form.
 """
 
 import warnings

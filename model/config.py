@@ -10,9 +10,6 @@ from typing import Literal
 NodeLocation = Literal["attn_in", "q", "k", "v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out"]
 NODE_LOCATIONS: tuple[str, ...] = ("attn_in", "q", "k", "v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
 
-PAPER_BASE_WIDTH = 256  # METHOD.md 2: d_model = 256 x expansion factor
-PAPER_BASE_PARAMS = 7.4e6  # METHOD.md 2: the 1x model (8 layers, d 256, vocab 2048, no bigram table)
-
 
 @dataclass(kw_only=True, frozen=True)
 class ModelConfig:
@@ -56,24 +53,16 @@ def num_heads(cfg: ModelConfig) -> int:
     return cfg.d_model // cfg.d_head
 
 
-def paper_d_model(expansion: int, base_width: int = PAPER_BASE_WIDTH) -> int:
-    """METHOD.md 2: d_model = base width x expansion factor (ef)."""
-    return base_width * expansion
+def location_width(cfg: ModelConfig, location: str) -> int:
+    """Channels at an activation location: the MLP's hidden width for `mlp_neuron`, d_model elsewhere
+    (q, k and v span all heads: num_heads x d_head = d_model)."""
+    return d_mlp(cfg) if location == "mlp_neuron" else cfg.d_model
 
 
-def matrix_density(pfrac: float, expansion: float) -> float:
-    """METHOD.md 2: weight-matrix density for an L0 budget of pfrac x the 1x model, at width ef."""
-    return pfrac / expansion**2
-
-
-def embedding_density(pfrac: float, expansion: float) -> float:
-    """METHOD.md 2: embedding and bias density = pfrac / ef."""
-    return pfrac / expansion
-
-
-def l0_budget(pfrac: float, base_params: float = PAPER_BASE_PARAMS) -> float:
-    """METHOD.md 2: nonzero weights allowed, pfrac x the 1x model's 7.4M."""
-    return pfrac * base_params
+def abstopk_k(afrac: float, width: int) -> int:
+    """Entries AbsTopK keeps per token: int(afrac x width), truncated as the paper's released code does
+    (circuit_sparsity/inference/gpt.py, `maybe_activation_sparsity`), so exports compute what it computes."""
+    return int(afrac * width)
 
 
 def param_counts(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
@@ -112,6 +101,12 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.context_length: must be at least 2, got {cfg.context_length}")
     if not 0.0 < cfg.afrac <= 1.0:
         raise ValueError(f"model.afrac: must lie in (0, 1], got {cfg.afrac}")
+    if cfg.afrac < 1.0:
+        for location in cfg.afrac_locations:
+            width = location_width(cfg, location)
+            if abstopk_k(cfg.afrac, width) == 0:
+                raise ValueError(f"model.afrac: {cfg.afrac:g} keeps int(afrac x {width}) = 0 of the {width} channels "
+                                 f"at {location}; raise it so that afrac x {width} >= 1")
     if len(set(cfg.afrac_locations)) != len(cfg.afrac_locations):
         raise ValueError(f"model.afrac_locations: lists a location twice: {cfg.afrac_locations}")
     if cfg.init_std <= 0:

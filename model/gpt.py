@@ -15,7 +15,7 @@ from torch import nn
 
 from kernels.dispatch import Kernels, select_kernels
 from kernels.sparse_inference import compress
-from model.config import ModelConfig, d_mlp, num_heads
+from model.config import ModelConfig, abstopk_k, d_mlp, location_width, num_heads
 from model.hooks import HookPoint
 
 
@@ -23,8 +23,9 @@ class SparseLinear(nn.Linear):
     """nn.Linear whose forward is the dispatched masked linear x @ (W*M)^T + b.
 
     `mask` is set by the projection (None while dense). `compress_()` switches the module to the
-    forward-only CSR path for evaluation and pruning; `decompress_()` switches back. The choice is a
-    bound function set once, never a branch in `forward`.
+    forward-only CSR path (kernels/sparse_inference.py), `decompress_()` switches back; the choice is a
+    bound function set once, never a branch in `forward`. No pipeline stage compresses a model: the path
+    is checked against the masked forward (tests/kernels) and benchmarked (benchmarks/kernels.py).
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, kernels: Kernels) -> None:
@@ -68,10 +69,10 @@ class AbsTopK(nn.Module):
         return x * mask
 
 
-def activation_sparsity(cfg: ModelConfig, location: str, dim: int) -> nn.Module:
+def activation_sparsity(cfg: ModelConfig, location: str) -> nn.Module:
     if cfg.afrac >= 1.0 or location not in cfg.afrac_locations:
         return nn.Identity()
-    return AbsTopK(max(1, math.ceil(cfg.afrac * dim)))
+    return AbsTopK(abstopk_k(cfg.afrac, location_width(cfg, location)))
 
 
 class Attention(nn.Module):
@@ -83,11 +84,11 @@ class Attention(nn.Module):
         self.c_attn = SparseLinear(cfg.d_model, 3 * inner, bias=cfg.bias, kernels=kernels)
         self.c_proj = SparseLinear(inner, cfg.d_model, bias=cfg.bias, kernels=kernels)
         self.sink_logit = nn.Parameter(torch.zeros(self.n_head)) if cfg.attention_sink else None
-        self.act_in = activation_sparsity(cfg, "attn_in", cfg.d_model)
-        self.act_q = activation_sparsity(cfg, "q", inner)
-        self.act_k = activation_sparsity(cfg, "k", inner)
-        self.act_v = activation_sparsity(cfg, "v", inner)
-        self.act_out = activation_sparsity(cfg, "attn_out", cfg.d_model)
+        self.act_in = activation_sparsity(cfg, "attn_in")
+        self.act_q = activation_sparsity(cfg, "q")
+        self.act_k = activation_sparsity(cfg, "k")
+        self.act_v = activation_sparsity(cfg, "v")
+        self.act_out = activation_sparsity(cfg, "attn_out")
         self.hook_in, self.hook_q, self.hook_k = HookPoint(), HookPoint(), HookPoint()
         self.hook_v, self.hook_out = HookPoint(), HookPoint()
 
@@ -122,9 +123,9 @@ class MLP(nn.Module):
         hidden = d_mlp(cfg)
         self.c_fc = SparseLinear(cfg.d_model, hidden, bias=cfg.bias, kernels=kernels)
         self.c_proj = SparseLinear(hidden, cfg.d_model, bias=cfg.bias, kernels=kernels)
-        self.act_in = activation_sparsity(cfg, "mlp_in", cfg.d_model)
-        self.act_neuron = activation_sparsity(cfg, "mlp_neuron", hidden)
-        self.act_out = activation_sparsity(cfg, "mlp_out", cfg.d_model)
+        self.act_in = activation_sparsity(cfg, "mlp_in")
+        self.act_neuron = activation_sparsity(cfg, "mlp_neuron")
+        self.act_out = activation_sparsity(cfg, "mlp_out")
         self.hook_in, self.hook_post, self.hook_out = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,7 @@ class GPT(nn.Module):
         return [m for m in self.modules() if isinstance(m, SparseLinear)]
 
     def compress_(self) -> None:
-        """Forward-only CSR weights in every linear (evaluation, scoring, pruning at density <= 1/16).
+        """Forward-only CSR weights in every linear (faster than the masked product at density <= 1/64).
 
         Only the q/k/v projection must hand attention a unit last stride; the other linears return
         feature-major views, which saves a transpose copy per linear on the CPU."""

@@ -17,7 +17,7 @@ Kept sets are `{(layer, kind): bool tensor over that location's channels}`; a mi
 counts as fully pruned.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,18 +63,15 @@ def hook_name(location: Location, num_layers: int) -> str:
     return f"transformer.h.{layer}.{HOOKS[kind]}"
 
 
-def enumerate_nodes(model: GPT) -> list[Node]:
-    return [Node(layer, kind, i) for (layer, kind), size in locations(model).items() for i in range(size)]
-
-
 def all_kept(model: GPT) -> KeptNodes:
     return {loc: torch.ones(size, dtype=torch.bool) for loc, size in locations(model).items()}
 
 
-def kept_from_nodes(model: GPT, nodes: list[Node]) -> KeptNodes:
+def kept_nodes(model: GPT, nodes: Iterable[tuple[int, str, int]]) -> KeptNodes:
+    """The kept-node set that keeps exactly `nodes`, each (layer, kind, index); every other node is pruned."""
     kept = {loc: torch.zeros(size, dtype=torch.bool) for loc, size in locations(model).items()}
-    for node in nodes:
-        kept[(node.layer, node.kind)][node.index] = True
+    for layer, kind, index in nodes:
+        kept[(layer, kind)][index] = True
     return kept
 
 

@@ -77,19 +77,3 @@ def intervene(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     with attach(model, fns):
         yield
 
-
-def mean_ablate(keep: torch.Tensor, mean: torch.Tensor) -> HookFn:
-    """Channels where `keep` is False take their mean activation; `keep` may be soft (0..1) for pruning."""
-
-    def ablate(x: torch.Tensor) -> torch.Tensor:
-        k = keep.to(x.dtype)
-        return x * k + mean.to(x.dtype) * (1 - k)
-
-    return ablate
-
-
-def replace_with(value: torch.Tensor) -> HookFn:
-    def replace(x: torch.Tensor) -> torch.Tensor:
-        return value.expand_as(x).to(x.dtype)
-
-    return replace

@@ -4,8 +4,9 @@ shared/FORMAT-paper-checkpoint.md), so tools built for the paper's models can re
 
 Our module names already follow the paper's (`transformer.h.{i}.attn.c_attn`, ...); the paper layout
 adds an all-zero position table when there is none, a zero `final_logits_bias`, and renames the
-attention sink. AbsTopK keeps ceil(afrac x dim) entries here; the released code's rounding rule is not
-documented, so exports with afrac < 1 are exact only where both agree.
+attention sink. AbsTopK keeps int(afrac x dim) entries per token, truncated as the released code's
+`maybe_activation_sparsity` does (model/config.py `abstopk_k`), so an export with afrac < 1 computes the
+same logits under the paper's forward (tests/pipeline/test_export.py).
 """
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from model.config import d_mlp, num_heads
 from model.gpt import GPT
 from pipeline.data import Dataset
 
@@ -45,10 +47,10 @@ def paper_config(model: GPT, tokenizer_name: str) -> dict:
         "block_size": cfg.context_length,
         "vocab_size": model.vocab_size,
         "n_layer": cfg.num_layers,
-        "n_head": cfg.d_model // cfg.d_head,
+        "n_head": num_heads(cfg),
         "d_head": cfg.d_head,
         "d_model": cfg.d_model,
-        "d_mlp": cfg.mlp_ratio * cfg.d_model,
+        "d_mlp": d_mlp(cfg),
         "dropout": 0.0,
         "bias": cfg.bias,
         "ln_bias": False,

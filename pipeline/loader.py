@@ -7,7 +7,6 @@ share a window within an epoch, and `batch(step)` is a pure function: resuming f
 repeats and skips nothing.
 """
 
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,10 +52,6 @@ class TokenLoader:
             )
         self._permutation = lru_cache(maxsize=2)(self._epoch_permutation)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_windows // (self.batch_size * self.world_size)
-
     def batch(self, step: int) -> torch.Tensor:
         """The rank's batch at `step`: int64 tensor of shape (batch_size, context_length + 1)."""
         if step < 0:
@@ -66,12 +61,6 @@ class TokenLoader:
         windows = self._windows_at(positions)
         rows = [self._window(w) for w in windows]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
-
-    def iterate(self, start_step: int = 0) -> Iterator[torch.Tensor]:
-        step = start_step
-        while True:
-            yield self.batch(step)
-            step += 1
 
     def _windows_at(self, positions: np.ndarray) -> np.ndarray:
         epochs, offsets = np.divmod(positions, self.num_windows)

@@ -2,7 +2,7 @@ import torch
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.graph import Node, all_kept, count_edges, edge_list, enumerate_nodes, hook_name, kept_from_nodes, locations
+from model.graph import Node, all_kept, count_edges, edge_list, hook_name, kept_nodes, locations
 from model.hooks import hook_points
 
 
@@ -26,22 +26,30 @@ def hand_built() -> GPT:
 
 
 KEPT = [
-    Node(-1, "embed", 1), Node(0, "attn_in", 1), Node(0, "q", 0), Node(0, "v", 2), Node(0, "attn_out", 3),
-    Node(0, "mlp_in", 3), Node(0, "mlp_neuron", 1), Node(0, "mlp_out", 0), Node(1, "final", 0),
+    (-1, "embed", 1), (0, "attn_in", 1), (0, "q", 0), (0, "v", 2), (0, "attn_out", 3),
+    (0, "mlp_in", 3), (0, "mlp_neuron", 1), (0, "mlp_out", 0), (1, "final", 0),
 ]
 
 
-def test_enumerates_every_channel_and_maps_to_hooks():
+def test_locations_cover_every_channel_and_map_to_hooks():
     model = hand_built()
-    nodes = enumerate_nodes(model)
-    assert len(nodes) == 4 + 8 * 4 + 4
+    assert sum(locations(model).values()) == 4 + 8 * 4 + 4
     names = set(hook_points(model))
     assert all(hook_name(loc, 1) in names for loc in locations(model))
 
 
+def test_kept_nodes_keeps_exactly_the_given_nodes():
+    model = hand_built()
+    kept = kept_nodes(model, KEPT)
+    assert {loc: mask.shape[0] for loc, mask in kept.items()} == locations(model)  # every location, pruned or not
+    assert sorted((layer, kind, i) for (layer, kind), mask in kept.items() for i in mask.nonzero().flatten().tolist()
+                  ) == sorted(KEPT)
+    assert not any(mask.any() for mask in kept_nodes(model, []).values())
+
+
 def test_edges_of_a_hand_built_circuit():
     model = hand_built()
-    kept = kept_from_nodes(model, KEPT)
+    kept = kept_nodes(model, KEPT)
     edges = set(edge_list(model, kept))
     assert edges == {
         (Node(-1, "embed", 1), Node(0, "attn_in", 1)),  # residual channel 1
@@ -66,7 +74,7 @@ def test_all_kept_and_zero_norm_gains():
     assert count_edges(model, all_kept(model)) == 24 + 7
     with torch.no_grad():
         model.transformer["h"][0].ln_2.weight[3] = 0.0  # channel 3 is no longer read by the MLP
-    assert count_edges(model, kept_from_nodes(model, KEPT)) == 8
+    assert count_edges(model, kept_nodes(model, KEPT)) == 8
     assert count_edges(model, {}) == 0
 
 
@@ -74,7 +82,7 @@ def test_edge_weights_are_the_entries_they_stand_for():
     from model.graph import edge_weight
 
     model = hand_built()
-    weights = {(s.kind, t.kind): edge_weight(model, s, t) for s, t in edge_list(model, kept_from_nodes(model, KEPT))}
+    weights = {(s.kind, t.kind): edge_weight(model, s, t) for s, t in edge_list(model, kept_nodes(model, KEPT))}
     assert weights[("attn_in", "q")] == 1.0 and weights[("v", "attn_out")] == 1.0
     assert weights[("embed", "attn_in")] == 1.0  # the norm gain of the reading channel
     with torch.no_grad():
