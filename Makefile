@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build that lies on this machine's disk; the cluster image installs a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test study lint lock clean
+.PHONY: setup test test-fast study lint lock clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,18 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
 
+# ruff, then DESIGN.md's import layers and the absence of import cycles (contracts in pyproject.toml)
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
+# The whole suite, slow end-to-end tests included (the README's test command; CI runs it).
 test: lint
 	$(BIN)/python -m pytest
+
+# Day-to-day: everything but the tests marked slow.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
 
 # The main job: the `cpu` study (Ray Tune grid -> trials -> pruning -> MLflow -> report). Run again, it resumes.
 study: setup

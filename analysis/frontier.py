@@ -1,5 +1,5 @@
 """The capability-interpretability frontier (METHOD.md: Figure 3 axes), as pure functions of the
-trial table.
+trial records.
 
 Interpretability is the geometric mean of circuit edges over tasks. Different trials find circuits for
 different tasks (a task a model has not learned has none), so by default the mean is taken over the
@@ -9,23 +9,41 @@ all sit out of the frontier (listed in the report).
 """
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
+
+from pipeline.records import TrialRecord, geometric_mean_edges
 
 
-def common_tasks(circuits: list[dict]) -> list[str]:
-    """Tasks whose circuit every trial found (`circuits`: one {task: circuit dict} per trial)."""
-    if not circuits:
+@dataclass(frozen=True)
+class TrialPoint:
+    """One trial in the analysis: its record, the frontier's y and its label in plots and tables."""
+
+    record: TrialRecord
+    edges: float | None  # geometric mean of circuit edges over the analysed tasks (None: no circuit among them)
+    label: str  # width and density, e.g. "d64 1/4"
+
+
+def common_tasks(records: list[TrialRecord]) -> list[str]:
+    """Tasks whose circuit every trial found."""
+    if not records:
         return []
-    sets = [{t for t, c in per.items() if c["status"] == "found"} for per in circuits]
+    sets = [{t for t, c in r.circuits.items() if c.status == "found"} for r in records]
     return sorted(set.intersection(*sets))
 
 
-def edges_geomean(per: dict, tasks: list[str]) -> float | None:
-    """Geometric mean of edges over `tasks` (an empty circuit counts as 1 edge, so logs stay finite)."""
-    values = [max(per[t]["edges"], 1) for t in tasks if t in per and per[t]["status"] == "found"]
-    return float(np.exp(np.mean(np.log(values)))) if values else None
+def trial_points(records: list[TrialRecord], tasks: list[str]) -> list[TrialPoint]:
+    """Each trial with its edges averaged over `tasks` (empty: over the trial's own tasks)."""
+    points = []
+    for r in records:
+        over = tasks or sorted(r.circuits)
+        edges = geometric_mean_edges(r.circuits[t] for t in over if t in r.circuits)
+        kind = "dense" if r.dense else f"1/{round(1 / r.density)}"
+        points.append(TrialPoint(r, edges, f"d{r.d_model} {kind}"))
+    return points
 
 
 def pareto_front(loss: list[float], edges: list[float | None]) -> list[int]:
@@ -54,26 +72,21 @@ def loglog_fit(x: list[float], y: list[float]) -> Fit | None:
     pairs = [(a, b) for a, b in zip(x, y, strict=True) if a and b and a > 0 and b > 0]
     if len({a for a, _ in pairs}) < 2:
         return None
-    lx, ly = np.log([a for a, _ in pairs]), np.log([b for _, b in pairs])
-    slope, intercept = np.polyfit(lx, ly, 1)
+    result = stats.linregress(np.log([a for a, _ in pairs]), np.log([b for _, b in pairs]))
     n = len(pairs)
-    if n > 2:
-        resid = ly - (slope * lx + intercept)
-        se = math.sqrt(float(resid @ resid) / (n - 2) / float(((lx - lx.mean()) ** 2).sum()))
-    else:
-        se = math.nan
-    return Fit(float(slope), float(intercept), se, n)
+    return Fit(float(result.slope), float(result.intercept), float(result.stderr) if n > 2 else math.nan, n)
 
 
-def grouped_fits(rows: list[dict], group: str, x: str, y: str) -> dict[object, Fit]:
-    """One log-log fit of y against x per value of `group` (e.g. edges vs width at each density)."""
-    out = {}
-    for value in sorted({r[group] for r in rows}):
-        members = [r for r in rows if r[group] == value and r[y] is not None]
-        fit = loglog_fit([r[x] for r in members], [r[y] for r in members])
-        if fit is not None:
-            out[value] = fit
-    return out
+def grouped_fits(points: Iterable[tuple[object, float, float | None]]) -> dict[object, Fit]:
+    """One log-log fit of y against x per group, from (group, x, y) points (e.g. edges vs width at each
+    density); a y of None sits out."""
+    by_group: dict[object, list[tuple[float, float]]] = {}
+    for group, x, y in points:
+        members = by_group.setdefault(group, [])
+        if y is not None:
+            members.append((x, y))
+    fits = {group: loglog_fit([x for x, _ in xy], [y for _, y in xy]) for group, xy in by_group.items()}
+    return {group: fits[group] for group in sorted(fits) if fits[group] is not None}
 
 
 def matched_loss_ratio(dense: list[tuple[float, float]], sparse: list[tuple[float, float]]

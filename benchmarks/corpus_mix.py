@@ -30,13 +30,16 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from infra.tracking import NullTracker  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from pipeline.config import resolve_config  # noqa: E402
 from pipeline.corpus import STDLIB_SOURCE, collect_documents  # noqa: E402
 from pipeline.data import build_data, split_documents  # noqa: E402
 from pipeline.evaluate import task_metrics  # noqa: E402
 from pipeline.idioms import generate  # noqa: E402
-from pipeline.train import NullTracker, train  # noqa: E402
+from pipeline.tokenizer import eot_id  # noqa: E402
+from pipeline.train import train  # noqa: E402
+from pipeline.trial import build_training  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
 HELD_OUT_IDIOMS_SEED = 10_000  # no training corpus uses it
@@ -46,7 +49,7 @@ EVAL_TOKENS = 150_000
 @torch.no_grad()
 def nats_per_byte(model: GPT, tokenizer, texts: list[str], context: int) -> float:
     """Next-token loss over the texts (joined by end-of-text), per UTF-8 byte of the predicted text."""
-    eot = tokenizer.get_vocab_size() - 1
+    eot = eot_id(tokenizer)
     ids: list[int] = []
     for text in texts:
         ids += tokenizer.encode(text).ids + [eot]
@@ -97,7 +100,8 @@ def main() -> None:
                     run = Path(scratch) / f"{corpus}-{density}-{seed}"
                     cfg = resolve_config(PRESET, [*extra, f"train.run_dir={run}", f"train.seed={seed}",
                                                   f"train.steps={args.steps}", f"sparsity.density={density}"])
-                    result = train(cfg, dataset, run, NullTracker(), device=args.device, progress=False,
+                    result = train(build_training(cfg, dataset, args.device), cfg.train, cfg.sparsity, run,
+                                   NullTracker(), checkpoint_meta={}, device=args.device, progress=False,
                                    log=lambda _: None)
                     model = GPT(cfg.model, tokenizer.get_vocab_size(), device=args.device)
                     model.load_state_dict({k[len("model/"):]: v for k, v in result.state.items()

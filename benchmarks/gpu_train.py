@@ -22,7 +22,7 @@ from model.sparsity import sparse_tensors  # noqa: E402
 from pipeline.data import DataConfig, build_data  # noqa: E402
 from pipeline.evaluate import lm_loss  # noqa: E402
 from pipeline.loader import TokenLoader  # noqa: E402
-from pipeline.train import TrainConfig, torch_engine, train_step  # noqa: E402
+from pipeline.train import TrainConfig, make_engine, train_step  # noqa: E402
 
 
 def run(dataset, model_cfg, density: float, steps: int, batch: int, device: str) -> dict:
@@ -31,7 +31,7 @@ def run(dataset, model_cfg, density: float, steps: int, batch: int, device: str)
     sparsity = SparsityConfig(density=density)
     train = TrainConfig(steps=steps, batch_size=batch, lr=1e-2 if density < 1 else 3e-3)
     tensors = sparse_tensors(model, sparsity)
-    engine = torch_engine(model, tensors, train, sparsity)
+    engine = make_engine(model, tensors, train, sparsity)
     loader = TokenLoader(dataset, split="train", batch_size=batch, context_length=model_cfg.context_length)
     val = TokenLoader(dataset, split="val", batch_size=batch, context_length=model_cfg.context_length, shuffle=False)
     if device == "cuda":

@@ -28,7 +28,7 @@ from model.config import SparsityConfig, min_density  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.sparsity import sparse_tensors  # noqa: E402
 from pipeline.config import resolve_config  # noqa: E402
-from pipeline.train import TrainConfig, torch_engine, train_step  # noqa: E402
+from pipeline.train import TrainConfig, make_engine, train_step  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
 DENSITIES = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/64": 1 / 64}
@@ -48,7 +48,7 @@ def time_steps(model_cfg, batch_size: int, density: float, repeats: int, device:
     sparsity = SparsityConfig(density=density)
     train = TrainConfig(steps=1000)
     tensors = sparse_tensors(model, sparsity)
-    engine = torch_engine(model, tensors, train, sparsity)
+    engine = make_engine(model, tensors, train, sparsity)
     batch = torch.randint(0, VOCAB, (batch_size, model_cfg.context_length + 1), device=device)
     step = int(0.6 * train.steps)  # past the anneal: the projection runs at the target density
     for _ in range(2):  # warm-up: allocator, Adam state, thread pools

@@ -24,8 +24,9 @@ from model.config import (
     check_sparsity_config,
     check_sparsity_fits,
 )
-from pipeline.data import DataConfig, check_data_config
+from pipeline.data import DataConfig, Dataset, check_data_config
 from pipeline.errors import ConfigError
+from pipeline.loader import TokenLoader
 from pipeline.prune import PruneConfig, check_prune_config
 from pipeline.train import TrainConfig, TrialConfig, check_train_config, check_trial_config
 
@@ -94,6 +95,15 @@ def save_config(cfg: ExperimentConfig, folder: str | Path) -> Path:
     path = Path(folder) / CONFIG_FILENAME
     path.write_text(config_to_yaml(cfg), encoding="utf-8")
     return path
+
+
+def token_loader(cfg: ExperimentConfig, dataset: Dataset, split: str, *, batch_size: int | None = None,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1) -> TokenLoader:
+    """A loader over `split` of `dataset` with the experiment's batch size (unless given), context length
+    and seed: the one place a stage turns its config into token batches."""
+    return TokenLoader(dataset, split=split, batch_size=batch_size or cfg.train.batch_size,
+                       context_length=cfg.model.context_length, seed=cfg.train.seed, shuffle=shuffle, rank=rank,
+                       world_size=world_size)
 
 
 def _load_yaml_layer(path: Path):

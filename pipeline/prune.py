@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,11 +25,12 @@ from model.graph import (
     edge_list,
     edge_weight,
     hook_name,
+    kept_nodes,
     locations,
 )
 from model.hooks import intervene, record
-from pipeline.records import CircuitRecord
-from pipeline.tasks import TASKS, EncodedTask, last_logits
+from pipeline.records import CircuitRecord, CurvePoint, EdgeRecord, NodeRecord
+from pipeline.tasks import EncodedTask, check_task_names, last_logits, pair_loss
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -76,9 +76,7 @@ def check_prune_config(cfg: PruneConfig) -> None:
         raise ValueError(f"prune.curve_targets: every target must be > 0, got {cfg.curve_targets}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise ValueError(f"prune.tasks: lists a task twice: {cfg.tasks}")
-    unknown = [t for t in cfg.tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"prune.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    check_task_names(cfg.tasks)
 
 
 # --- node means -------------------------------------------------------------------------------------
@@ -178,10 +176,6 @@ def pair_logits(model: GPT, task: EncodedTask, rows: torch.Tensor, gates, means,
     return logits.gather(1, task.candidates[rows].to(device))
 
 
-def bce(pair: torch.Tensor) -> torch.Tensor:
-    return -F.log_softmax(pair.float(), dim=-1)[:, 0].mean()
-
-
 def calibrated_loss(pair: torch.Tensor, candidates: torch.Tensor, steps: int = 16) -> tuple[float, Calibration]:
     """Fit a logit scale and per-token shift with LBFGS (16 steps), return the loss after it."""
     tokens = sorted(set(candidates.flatten().tolist()))
@@ -193,13 +187,13 @@ def calibrated_loss(pair: torch.Tensor, candidates: torch.Tensor, steps: int = 1
 
     def closure():
         optimizer.zero_grad()
-        loss = bce(scale * pair + shift[column])
+        loss = pair_loss(scale * pair + shift[column]).mean()
         loss.backward()
         return loss
 
     optimizer.step(closure)
     with torch.no_grad():
-        loss = bce(scale * pair + shift[column]).item()
+        loss = pair_loss(scale * pair + shift[column]).mean().item()
     return loss, Calibration(scale.detach(), {t: shift[i].detach() for i, t in enumerate(tokens)})
 
 
@@ -218,7 +212,8 @@ def learn_masks(model: GPT, task: EncodedTask, means, cfg: PruneConfig, *, pad_i
     sequences = len(task.prompts)
     for _ in tqdm(range(cfg.steps), desc=f"masks {task.name}", disable=not progress, leave=False):
         rows = torch.randint(0, sequences, (min(2 * cfg.batch_pairs, sequences),), generator=generator)
-        loss = bce(pair_logits(model, task, rows, mask.gates(), means, pad_id, device)) + cfg.k_coef * mask.kept()
+        pair = pair_logits(model, task, rows, mask.gates(), means, pad_id, device)
+        loss = pair_loss(pair).mean() + cfg.k_coef * mask.kept()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mask.parameters(), 1.0)
@@ -229,10 +224,8 @@ def learn_masks(model: GPT, task: EncodedTask, means, cfg: PruneConfig, *, pad_i
 
 
 def kept_top(model: GPT, ranking: list[tuple[Location, int]], k: int) -> KeptNodes:
-    kept = {loc: torch.zeros(size, dtype=torch.bool) for loc, size in locations(model).items()}
-    for loc, i in ranking[:k]:
-        kept[loc][i] = True
-    return kept
+    """The first `k` nodes of `ranking` kept, every other node pruned."""
+    return kept_nodes(model, ((layer, kind, i) for (layer, kind), i in ranking[:k]))
 
 
 @torch.no_grad()
@@ -240,7 +233,7 @@ def circuit_loss(model, task, kept: KeptNodes, means, pad_id, device, *, calibra
     rows = torch.arange(len(task.prompts))
     pair = pair_logits(model, task, rows, gates_from_kept(kept), means, pad_id, device)
     if not calibrate:
-        return bce(pair).item()
+        return pair_loss(pair).mean().item()
     return calibrated_loss(pair, task.candidates)[0]
 
 
@@ -290,8 +283,8 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
         gen = torch.Generator().manual_seed(seed + 1)
         random_kept = kept_top(model, [ranking[i] for i in torch.randperm(len(ranking), generator=gen)], k)
         record.status = "found"
-        record.nodes = [[loc[0], loc[1], i, _mean_of(means[loc], i)] for loc, i in ranking[:k]]
-        record.edge_list = [[s.layer, s.kind, s.index, t.layer, t.kind, t.index, edge_weight(model, s, t)]
+        record.nodes = [NodeRecord(loc[0], loc[1], i, _mean_of(means[loc], i)) for loc, i in ranking[:k]]
+        record.edge_list = [EdgeRecord(s.layer, s.kind, s.index, t.layer, t.kind, t.index, edge_weight(model, s, t))
                             for s, t in edge_list(model, kept, output_tokens=tokens)]
         record.edges = len(record.edge_list)
         record.sufficiency_loss = circuit_loss(model, test, kept, means, pad_id, device)
@@ -301,7 +294,7 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
     for target in cfg.curve_targets:  # the same ranking, bisected again: how size grows as the target tightens
         point = bisect_k(model, train, ranking, means, target, pad_id, device, full_loss=full)
         edges = None if point is None else count_edges(model, kept_top(model, ranking, point[0]), output_tokens=tokens)
-        record.target_curve.append([target, None if point is None else point[0], edges])
+        record.target_curve.append(CurvePoint(target, None if point is None else point[0], edges))
     record.attribution_edges = attribution_edges(model, train, means, cfg.target_loss, pad_id=pad_id, device=device)
     record.seconds = time.perf_counter() - start
     return record
@@ -313,7 +306,7 @@ def attribution_ranking(model: GPT, task: EncodedTask, means, *, pad_id: int, de
     mean-ablating each one does to the task loss, |dL/dgate| at gate = 1 (attribution patching)."""
     gates = {loc: torch.ones(size, device=device, requires_grad=True) for loc, size in locations(model).items()}
     rows = torch.arange(len(task.prompts))
-    bce(pair_logits(model, task, rows, gates, means, pad_id, device)).backward()
+    pair_loss(pair_logits(model, task, rows, gates, means, pad_id, device)).mean().backward()
     scores = torch.cat([gates[loc].grad.abs() for loc in gates])
     index = [(loc, i) for loc, size in locations(model).items() for i in range(size)]
     return [index[j] for j in torch.argsort(-scores, stable=True).tolist()]
@@ -337,11 +330,9 @@ def overlap(model: GPT, records: dict[str, CircuitRecord]) -> dict[str, dict[str
     for name, rec in records.items():
         if rec.status != "found":
             continue
-        nodes[name] = {tuple(n[:3]) for n in rec.nodes}
-        kept = {loc: torch.zeros(size, dtype=torch.bool) for loc, size in locations(model).items()}
-        for layer, kind, i, _ in rec.nodes:
-            kept[(layer, kind)][i] = True
-        edges[name] = {e for e in edge_list(model, kept) if e[1].kind != "logit"}  # shared internal edges
+        nodes[name] = {n.key for n in rec.nodes}
+        edges[name] = {e for e in edge_list(model, kept_nodes(model, nodes[name]))
+                       if e[1].kind != "logit"}  # shared internal edges
 
     def jaccard(a: set, b: set) -> float:
         return len(a & b) / len(a | b) if a | b else 0.0
@@ -356,11 +347,3 @@ def overlap(model: GPT, records: dict[str, CircuitRecord]) -> dict[str, dict[str
 def _mean_of(mean: torch.Tensor, index: int) -> float:
     """A node's mean activation (averaged over positions when the means are per position)."""
     return float(mean[index] if mean.dim() == 1 else mean[:, index].mean())
-
-
-def geometric_mean_edges(records: dict[str, CircuitRecord]) -> float | None:
-    """The study's interpretability metric (METHOD.md 4) over the tasks whose circuit was found."""
-    found = [max(r.edges, 1) for r in records.values() if r.status == "found"]
-    if not found:
-        return None
-    return float(torch.tensor(found, dtype=torch.float64).log().mean().exp())

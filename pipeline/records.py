@@ -1,47 +1,149 @@
 """Record types: what analysis reads (DESIGN.md: records are the contract). Changing a field means
-changing its reader and test in the same commit."""
+changing its reader and test in the same commit.
+
+Records are plain dataclasses with named fields, written as indented JSON with named keys and read
+back through `from_dict`; `JsonRecord` gives each one the same save / load / to_json / from_json.
+"""
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, Self
+
+import numpy as np
+
+CircuitStatus = Literal["pending", "found", "unreachable"]  # unreachable: the whole model misses the target
+NodeKey = tuple[int, str, int]  # (layer, kind, index): model/graph.py's node address
+
+
+class JsonRecord:
+    """The one JSON reader and writer of the record types below."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        return cls.from_json(path.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A kept node (model/graph.py's address) and its mean activation over pretraining data."""
+
+    layer: int
+    kind: str
+    index: int
+    mean: float
+
+    @property
+    def key(self) -> NodeKey:
+        return (self.layer, self.kind, self.index)
+
+
+@dataclass(frozen=True)
+class EdgeRecord:
+    """A nonzero weight between two kept nodes; a "logit" destination's index is its token id."""
+
+    src_layer: int
+    src_kind: str
+    src_index: int
+    dst_layer: int
+    dst_kind: str
+    dst_index: int
+    weight: float
+
+    @property
+    def src(self) -> NodeKey:
+        return (self.src_layer, self.src_kind, self.src_index)
+
+    @property
+    def dst(self) -> NodeKey:
+        return (self.dst_layer, self.dst_kind, self.dst_index)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """The circuit at another target loss along the same node ranking (Figure 2): k nodes with `edges`
+    edges; both None where even the whole model misses the target."""
+
+    target: float
+    k: int | None
+    edges: int | None
+
+
+def _curve(points: list[dict]) -> list[CurvePoint]:
+    return [CurvePoint(**p) for p in points]
+
+
+@dataclass(frozen=True)
+class CircuitSummary(JsonRecord):
+    """What the trial record keeps of one task's circuit (`CircuitRecord.summary`)."""
+
+    status: CircuitStatus
+    nodes: int  # how many nodes the circuit keeps
+    edges: int
+    unpruned_loss: float
+    target_loss: float
+    sufficiency_loss: float | None
+    necessity_loss: float | None
+    target_curve: list[CurvePoint] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CircuitSummary":
+        return cls(**data | {"target_curve": _curve(data["target_curve"])})
 
 
 @dataclass
-class CircuitRecord:
+class CircuitRecord(JsonRecord):
     """One task's circuit in one model (METHOD.md 4)."""
 
     task: str
     target_loss: float
     unpruned_loss: float  # held-out task loss of the whole model
     total_nodes: int
-    status: str = "pending"  # found | unreachable (the whole model misses the target)
-    nodes: list[list] = field(default_factory=list)  # [layer, kind, index, mean activation], by importance
+    status: CircuitStatus = "pending"
+    nodes: list[NodeRecord] = field(default_factory=list)  # by importance
     edges: int = 0  # nonzero weights between kept nodes (model/graph.py)
-    # [src layer, src kind, src index, dst layer, dst kind, dst index (token id for "logit"), weight]
-    edge_list: list[list] = field(default_factory=list)
+    edge_list: list[EdgeRecord] = field(default_factory=list)
     sufficiency_loss: float | None = None  # circuit alone, everything else mean-ablated (calibrated)
     necessity_loss: float | None = None  # only the circuit mean-ablated
     random_loss: float | None = None  # a random circuit of the same size (calibrated)
     random_edges: int | None = None
     attribution_edges: int | None = None  # the gradient-attribution baseline at the same target
-    # [target loss, k, edges] along the same node ranking at each prune.curve_targets (Figure 2); k and
-    # edges are None where even the whole model misses that target
-    target_curve: list[list] = field(default_factory=list)
+    target_curve: list[CurvePoint] = field(default_factory=list)  # at each prune.curve_targets (Figure 2)
     seconds: float = 0.0
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
-
     @classmethod
-    def load(cls, path: Path) -> "CircuitRecord":
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+    def from_dict(cls, data: dict) -> "CircuitRecord":
+        return cls(**data | {"nodes": [NodeRecord(**n) for n in data["nodes"]],
+                             "edge_list": [EdgeRecord(**e) for e in data["edge_list"]],
+                             "target_curve": _curve(data["target_curve"])})
+
+    def summary(self) -> CircuitSummary:
+        return CircuitSummary(status=self.status, nodes=len(self.nodes), edges=self.edges,
+                              unpruned_loss=self.unpruned_loss, target_loss=self.target_loss,
+                              sufficiency_loss=self.sufficiency_loss, necessity_loss=self.necessity_loss,
+                              target_curve=list(self.target_curve))
 
 
 TRIAL_FILE = "trial.json"  # a TrialRecord, in each trial's run folder and as its MLflow artifact
 
 
 @dataclass
-class TrialRecord:
+class TrialRecord(JsonRecord):
     """One trained-and-pruned trial of a study (`trial.json` in its run folder): what the frontier needs."""
 
     trial: str
@@ -60,12 +162,24 @@ class TrialRecord:
     overlap_nodes_mean: float | None  # mean Jaccard of node sets over pairs of distinct found circuits
     train_seconds: float
     prune_seconds: float
-    # task -> {status, nodes, edges, unpruned_loss, target_loss, sufficiency_loss, necessity_loss, target_curve}
-    circuits: dict[str, dict] = field(default_factory=dict)
+    circuits: dict[str, CircuitSummary] = field(default_factory=dict)  # by task
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+    @property
+    def dense(self) -> bool:
+        return self.density >= 1.0
 
     @classmethod
-    def load(cls, path: Path) -> "TrialRecord":
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+    def from_dict(cls, data: dict) -> "TrialRecord":
+        return cls(**data | {"circuits": {t: CircuitSummary.from_dict(c) for t, c in data["circuits"].items()}})
+
+
+def edge_geomean(edges: Iterable[int]) -> float | None:
+    """Geometric mean of circuit edge counts, an empty circuit counting as 1 edge so logs stay finite;
+    None for no circuits."""
+    values = [max(e, 1) for e in edges]
+    return float(np.exp(np.mean(np.log(values)))) if values else None
+
+
+def geometric_mean_edges(circuits: Iterable[CircuitRecord | CircuitSummary]) -> float | None:
+    """The study's interpretability metric (METHOD.md 4) over the circuits that were found."""
+    return edge_geomean(c.edges for c in circuits if c.status == "found")

@@ -15,7 +15,7 @@ natural tokens; each generator's docstring says what its pair tests.
 """
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -265,12 +265,17 @@ def _answer_id(tokenizer: Tokenizer, prompt: str, answer: str, failures: dict) -
     return whole[-1]
 
 
+def check_task_names(names: Iterable[str]) -> None:
+    """ValueError naming `prune.tasks` (where task names come from) if a name is not in the suite."""
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"prune.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+
+
 def encode_suite(tokenizer: Tokenizer, names: list[str] | None, *, split: str, pairs: int, seed: int = 0
                  ) -> tuple[dict[str, EncodedTask], dict[str, str]]:
     """Every named task (all if `names` is empty or None); failures map task -> message."""
-    unknown = [n for n in names or [] if n not in TASKS]
-    if unknown:
-        raise ValueError(f"prune.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    check_task_names(names or [])
     encoded, failures = {}, {}
     for name in names or list(TASKS):
         try:
@@ -288,9 +293,15 @@ def task_scores(model: torch.nn.Module, task: EncodedTask, *, pad_id: int, conte
     for start in range(0, len(task.prompts), batch_size):
         logits = last_logits(model, task.prompts[start : start + batch_size], pad_id, context_length, device)
         pair = logits.gather(1, task.candidates[start : start + batch_size].to(device))  # (B, 2)
-        losses.append(-F.log_softmax(pair.float(), dim=-1)[:, 0])
+        losses.append(pair_loss(pair))
         correct.append(pair[:, 0] > pair[:, 1])
     return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(correct).float().mean().item()}
+
+
+def pair_loss(pair: torch.Tensor) -> torch.Tensor:
+    """The task loss of each sequence (METHOD.md 5): binary cross-entropy over its two candidates' logits
+    `pair` (sequences, 2) = [correct, alternative], i.e. -log softmax(pair)[correct]; shape (sequences,)."""
+    return -F.log_softmax(pair.float(), dim=-1)[:, 0]
 
 
 def last_logits(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, context_length: int,

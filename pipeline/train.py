@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -26,14 +26,9 @@ from infra.engine import DeepSpeedConfig, Engine, wrap
 from kernels.optimizer import SparseAdam, SparseSpec
 from model.config import SparsityConfig
 from model.gpt import GPT
-from model.sparsity import SparseTensor, attach_masks, density_at, lr_at, sparse_tensors
-from pipeline.data import Dataset
+from model.sparsity import SparseTensor, attach_masks, density_at, lr_at
 from pipeline.evaluate import dead_neurons, lm_loss, residual_kurtosis, sparsity_figures, validation_loss
 from pipeline.loader import TokenLoader
-from pipeline.shards import map_shard
-
-if TYPE_CHECKING:
-    from pipeline.config import ExperimentConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -130,10 +125,12 @@ def build_optimizer(
 
 
 
-def torch_engine(model: GPT, tensors: list[SparseTensor], train: TrainConfig, sparsity: SparsityConfig) -> Engine:
-    """A single-process engine over a fresh fused sparse Adam (tests, benchmarks, one-worker runs)."""
+def make_engine(model: GPT, tensors: list[SparseTensor], train: TrainConfig, sparsity: SparsityConfig, *,
+                kind: str = "torch", deepspeed: DeepSpeedConfig | None = None) -> Engine:
+    """The model wrapped for training (`infra.engine.wrap`) over a fresh fused sparse Adam: "torch" for
+    one process, "deepspeed" for one or many (joins the process group)."""
     optimizer = build_optimizer(model, tensors, train, sparsity)
-    return wrap(model, optimizer, engine="torch", cfg=DeepSpeedConfig(), micro_batch=train.batch_size,
+    return wrap(model, optimizer, engine=kind, cfg=deepspeed or DeepSpeedConfig(), micro_batch=train.batch_size,
                 grad_accum=train.grad_accum, attach_masks=functools.partial(attach_masks, tensors))
 
 
@@ -175,58 +172,50 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-class NullTracker:
-    """What ranks other than 0 log to."""
+@dataclass
+class TrainingSetup:
+    """What the loop trains: the model, its sparse tensors, the engine wrapping both (rank and world size
+    included), and this rank's training and validation loaders."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
+    model: GPT
+    tensors: list[SparseTensor]
+    engine: Engine
+    loader: TokenLoader
+    val: TokenLoader
 
 
 @dataclass
 class TrainResult:
-    model: GPT
     steps: int
     resumed_from: int  # step of the checkpoint it started from, 0 for a fresh run
     final: dict[str, float]
-    rank: int
     state: dict[str, torch.Tensor]  # the final full state (engine-agnostic layout)
 
 
 def train(
-    cfg: "ExperimentConfig",
-    dataset: Dataset,
+    setup: TrainingSetup,
+    t: TrainConfig,
+    sparsity: SparsityConfig,
     run_dir: Path,
     tracker: Tracker,
     *,
+    checkpoint_meta: dict[str, str],
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train (or resume) one model under `run_dir` on this process's rank of the engine; raises
-    NonFiniteLoss on a NaN/inf loss. Rank 0 writes checkpoints and logs to `tracker`."""
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model, dataset.manifest["tokenizer"]["vocab_size"], device=device)
-    if cfg.model.bigram_table == "fixed":
-        model.bigram_table.copy_(bigram_log_probs(_train_sample(dataset), model.vocab_size))
-    tensors = sparse_tensors(model, cfg.sparsity)
-    t = cfg.train
-    engine = wrap(model, build_optimizer(model, tensors, t, cfg.sparsity), engine=engine_kind(cfg),
-                  cfg=cfg.deepspeed, micro_batch=t.batch_size, grad_accum=t.grad_accum,
-                  attach_masks=functools.partial(attach_masks, tensors))
+    """Train (or resume) under `run_dir` on this process's rank of the engine; raises NonFiniteLoss on a
+    NaN/inf loss. Rank 0 writes checkpoints (with `checkpoint_meta`); metrics go to `tracker`."""
+    model, tensors, engine, loader, val = setup.model, setup.tensors, setup.engine, setup.loader, setup.val
     lead = engine.rank == 0
-    start = restore(run_dir / "checkpoints", engine, log if lead else (lambda _: None))
-    loader = TokenLoader(dataset, split="train", batch_size=t.batch_size * t.grad_accum,
-                         context_length=cfg.model.context_length, seed=t.seed, rank=engine.rank,
-                         world_size=engine.world_size)
-    val = TokenLoader(dataset, split="val", batch_size=t.batch_size, context_length=cfg.model.context_length,
-                      shuffle=False)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length * engine.world_size
+    start = restore(run_dir / "checkpoints", engine, log)
+    tokens_per_step = t.batch_size * t.grad_accum * model.cfg.context_length * engine.world_size
     state = None  # the full state of the last checkpoint, reused as the final state
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="training", disable=not (progress and lead))
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="training", disable=not progress)
     for step in bar:
         tick = time.perf_counter()
         micro_batches = list(loader.batch(step).to(device).split(t.batch_size))
-        stats = train_step(engine, micro_batches, step, t, cfg.sparsity)
+        stats = train_step(engine, micro_batches, step, t, sparsity)
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLoss(f"loss became {stats['loss']} at step {step + 1}")
         metrics = {"train_loss": stats["loss"], "lr": stats["lr"], "density": stats["density"],
@@ -239,21 +228,13 @@ def train(
         if done % t.checkpoint_every == 0 or done == t.steps:
             state = engine.full_state()  # a collective under DeepSpeed: every rank takes part
             if lead:
-                save_checkpoint(run_dir / "checkpoints", done, state, {"config": config_yaml(cfg)},
-                                keep=t.keep_checkpoints)
+                save_checkpoint(run_dir / "checkpoints", done, state, checkpoint_meta, keep=t.keep_checkpoints)
     final = _evaluation(model, tensors, val, t.eval_batches, device)
     final["residual_kurtosis"] = residual_kurtosis(model, val.batch(0).to(device))
     final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak
     if state is None:  # resumed at the last step: nothing was trained, so no checkpoint was taken
         state = engine.full_state()
-    return TrainResult(model=model, steps=t.steps, resumed_from=start, final=final, rank=engine.rank, state=state)
-
-
-def engine_kind(cfg: "ExperimentConfig") -> str:
-    """trial.engine, with auto = DeepSpeed for several workers, plain torch for one."""
-    if cfg.trial.engine != "auto":
-        return cfg.trial.engine
-    return "deepspeed" if cfg.trial.workers > 1 else "torch"
+    return TrainResult(steps=t.steps, resumed_from=start, final=final, state=state)
 
 
 def restore(root: Path, engine: Engine, log: Callable[[str], None]) -> int:
@@ -269,14 +250,3 @@ def restore(root: Path, engine: Engine, log: Callable[[str], None]) -> int:
 def _evaluation(model, tensors, val, batches: int, device) -> dict[str, float]:
     return {"val_loss": validation_loss(model, val, batches, device), "dead_neurons": float(dead_neurons(model)),
             **sparsity_figures(tensors)}
-
-
-def _train_sample(dataset: Dataset, max_tokens: int = 1 << 22) -> torch.Tensor:
-    first = dataset.shards("train")[0]
-    return torch.from_numpy(map_shard(dataset.folder / first["file"])[:max_tokens].astype("int64"))
-
-
-def config_yaml(cfg: "ExperimentConfig") -> str:
-    from pipeline.config import config_to_yaml  # config.py imports this module for TrainConfig
-
-    return config_to_yaml(cfg)

@@ -13,8 +13,14 @@ from pathlib import Path
 
 from ray import tune
 
+from pipeline.circuits import load_for_pruning
 from pipeline.config import ExperimentConfig
+from pipeline.data import build_data
+from pipeline.prune import prune_task
 from pipeline.records import CircuitRecord
+from pipeline.tasks import TASKS, encode_task
+from pipeline.tokenizer import eot_id
+from sweeps.study import init_ray
 
 SEARCHED = ("k_coef", "lr", "temperature", "weight_decay")
 RECORD = "circuit.json"
@@ -34,17 +40,14 @@ def search_space(cfg: ExperimentConfig) -> dict:
 
 
 def _trial(config: dict) -> None:
-    from pipeline.prune import prune_task
-    from pipeline.tasks import TASKS, encode_task
-    from pipeline.trial import load_for_pruning
-
     cfg = config["cfg"]
     prune_cfg = replace(cfg.prune, **{k: config[k] for k in SEARCHED})
-    model, tokenizer, means = load_for_pruning(Path(config["run_dir"]), cfg)
+    dataset = build_data(cfg.data, progress=False).dataset
+    model, tokenizer, means = load_for_pruning(Path(config["run_dir"]), cfg, dataset)
     task = TASKS[config["task"]]
     train = encode_task(task, tokenizer, split="train", pairs=prune_cfg.pairs, seed=cfg.train.seed)
     test = encode_task(task, tokenizer, split="test", pairs=prune_cfg.pairs, seed=cfg.train.seed)
-    record = prune_task(model, train, test, means, prune_cfg, pad_id=tokenizer.get_vocab_size() - 1,
+    record = prune_task(model, train, test, means, prune_cfg, pad_id=eot_id(tokenizer),
                         seed=cfg.train.seed)
     found = record.status == "found"
     record.save(Path(tune.get_context().get_trial_dir()) / RECORD)  # the full record beside the trial
@@ -55,8 +58,6 @@ def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *
     """Run `budget` pruning trials for `task` on the trained model in `run_dir` (a local Ray by
     default, the cluster when RAY_ADDRESS is set)."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV per trial
-    from sweeps.study import init_ray
-
     init_ray(verbose=0)
     centres = {key: getattr(cfg.prune, key) for key in SEARCHED}
     space = search_space(cfg) | {"cfg": cfg, "run_dir": str(run_dir.resolve()), "task": task}

@@ -7,7 +7,8 @@ Layout of a study folder (`<storage_path>/<name>/`):
   mlflow_run.json      the study's parent MLflow run (trials are nested child runs)
   trials/<trial>/      each trial's run folder (checkpoints, export, circuits, metrics)
   ray/<name>/          Ray Tune's experiment state (what a rerun resumes from)
-  report/              report.md, report.html, figures (analysis/)
+  report/              report.md, report.html, figures (written by the `report` callable the caller
+                       passes: the CLI passes analysis/'s; sweeps/ never imports analysis/)
 
 Ray 2.60 runs Ray Train V2: the Tune trainable builds and fits the trial's `TorchTrainer` itself, and
 the workers' final report reaches Tune through `TuneReportCallback`. The Train run is named after the
@@ -21,24 +22,29 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 from ray import tune
 from ray.train import FailureConfig, ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from infra.tracking import RunTracker, tracking_uri
+from infra.tracking import tracked_run, tracking_uri
 from pipeline.config import ExperimentConfig
 from pipeline.data import build_data
 from pipeline.errors import UserError
 from pipeline.records import TRIAL_FILE
+from pipeline.trial import trial_rank
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
 PLACEMENT = "placement.json"  # in each trial folder: the Ray node its rank 0 ran on
+# (study folder, wall seconds) -> (report folder, headline figures): writes the study's report
+ReportFn = Callable[[Path, float], tuple[Path, dict]]
 
 
 @dataclass(frozen=True)
@@ -72,13 +78,9 @@ def trial_configs(study: StudyConfig, trials: list[TrialSpec], folder: Path, uri
 
 
 def _worker_loop(config: dict) -> None:
-    """One Ray Train worker of a trial: train (all ranks), then rank 0 prunes; everyone reports once."""
-    from pipeline.trial import run_launched_trial
-
+    """One Ray Train worker of a trial: the trial's rank (pipeline/trial.py); everyone reports once."""
     device = "cuda" if config["gpus"] > 0 else "cpu"
     if device == "cuda":
-        import torch
-
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the GPU Ray gave this worker
     cfg = config["cfg"]
     if ray.train.get_context().get_world_rank() == 0:  # where the trial ran (the cluster rehearsal checks it)
@@ -87,7 +89,7 @@ def _worker_loop(config: dict) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PLACEMENT).write_text(json.dumps({"node_id": context.get_node_id(),
                                                     "node_ip": ray.util.get_node_ip_address()}))
-    final = run_launched_trial(cfg, device=device, prune=config["prune"], log=lambda _: None)
+    final = trial_rank(cfg, device=device, prune=config["prune"], log=lambda _: None)
     ray.train.report(final or {})  # (never a `done` key: Tune would stop the trial before Train cleans up)
 
 
@@ -109,8 +111,10 @@ def _trial(config: dict, configs: dict, study: StudyConfig, folder: str) -> None
     trainer.fit()
 
 
-def run_study(path: str | Path, overrides: list[str] | None = None, *, log=print, verbose: int = 1) -> StudyResult:
-    """Run (or resume) the study in `path` and write its report; raises UserError if trials failed."""
+def run_study(path: str | Path, overrides: list[str] | None = None, *, report: ReportFn, log=print,
+              verbose: int = 1) -> StudyResult:
+    """Run (or resume) the study in `path`, then `report(folder, wall_s)`; raises UserError if trials failed.
+    The study's parent MLflow run ends FINISHED, FAILED (trials failed) or KILLED (interrupted)."""
     start = time.perf_counter()
     study, trials = load_study(path, overrides)
     folder = study_folder(study)
@@ -118,12 +122,12 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, log=print
     shutil.copyfile(path, folder / "study.yaml")
     (folder / "overrides.txt").write_text("\n".join(overrides or []) + "\n", encoding="utf-8")
     uri = study.tracking_uri or tracking_uri(dataclasses.replace(trials[0].config.tracking, uri=None), folder)
-    parent = RunTracker(dataclasses.replace(trials[0].config.tracking, uri=uri, experiment=study.name,
-                                            tags={"study": study.name, "kind": "study"}),
-                        folder, run_name=study.name, params={"trials": len(trials), "grid": json.dumps(study.grid)})
-    log(f"study {study.name}: {len(trials)} trials in {folder}; MLflow {uri} (run {parent.run_id})"
-        + (" (resumed)" if parent.resumed else ""))
-    try:
+    tracking = dataclasses.replace(trials[0].config.tracking, uri=uri, experiment=study.name,
+                                   tags={"study": study.name, "kind": "study"})
+    with tracked_run(tracking, folder, run_name=study.name,
+                     params={"trials": len(trials), "grid": json.dumps(study.grid)}) as parent:
+        log(f"study {study.name}: {len(trials)} trials in {folder}; MLflow {uri} (run {parent.run_id})"
+            + (" (resumed)" if parent.resumed else ""))
         parent.log_artifact(folder / "study.yaml")
         configs = trial_configs(study, trials, folder, uri, parent.run_id)
         for data_cfg in {json.dumps(dataclasses.asdict(c.data), sort_keys=True): c.data for c in configs.values()
@@ -136,20 +140,13 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, log=print
                 "run the same command to resume it")
             raise KeyboardInterrupt
         wall = time.perf_counter() - start
-        from analysis.report import write_report
-
-        report = write_report(folder, wall_s=wall)
-        parent.log_metrics({k: v for k, v in report.headline.items() if isinstance(v, int | float)}, 0)
-        parent.log_artifacts(report.folder, "report")
-    except BaseException as err:
-        parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
-        raise
-    if failed:
-        parent.finish("FAILED", f"{len(failed)} trial(s) failed: {', '.join(failed)}")
-        raise UserError(f"study {study.name}: {len(failed)} of {len(trials)} trials failed "
-                        f"({'; '.join(f'{k}: {v}' for k, v in failed.items())}); rerun the command to resume them")
-    parent.finish("FINISHED")
-    log(f"report: {report.folder / 'report.html'}")
+        report_folder, headline = report(folder, wall)
+        parent.log_metrics({k: v for k, v in headline.items() if isinstance(v, int | float)}, 0)
+        parent.log_artifacts(report_folder, "report")
+        if failed:
+            raise UserError(f"study {study.name}: {len(failed)} of {len(trials)} trials failed "
+                            f"({'; '.join(f'{k}: {v}' for k, v in failed.items())}); rerun the command to resume them")
+    log(f"report: {report_folder / 'report.html'}")
     log(f"MLflow: {uri} (`circuitscale ui {folder}` serves it on 127.0.0.1)")
     return StudyResult(folder, uri, parent.run_id, results, failed, wall)
 

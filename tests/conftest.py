@@ -67,7 +67,7 @@ def _smoke_args(corpus: Path, cache: Path, storage: Path) -> list[str]:
 def _study_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     """`circuitscale study ARGS` in a subprocess (stdout and stderr together)."""
     env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "study", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "study", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -106,6 +106,7 @@ def tiny_task_setup(small_dataset):
     from pipeline.loader import TokenLoader
     from pipeline.prune import node_means
     from pipeline.tasks import TASKS, encode_task
+    from pipeline.tokenizer import eot_id
 
     ds = small_dataset.dataset
     tok = ds.tokenizer()
@@ -115,4 +116,4 @@ def tiny_task_setup(small_dataset):
     means = node_means(model, loader, 2, "pooled")
     train = encode_task(TASKS["if_equals"], tok, split="train", pairs=8)
     test = encode_task(TASKS["if_equals"], tok, split="test", pairs=8)
-    return model, means, train, test, tok.get_vocab_size() - 1, loader, tok
+    return model, means, train, test, eot_id(tok), loader, tok

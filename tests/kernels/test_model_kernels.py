@@ -9,7 +9,7 @@ import torch
 from model.config import ModelConfig, SparsityConfig
 from model.gpt import GPT
 from model.sparsity import sparse_tensors
-from pipeline.train import TrainConfig, torch_engine, train_step
+from pipeline.train import TrainConfig, make_engine, train_step
 from tests.kernels.conftest import DEVICE
 
 CFG = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=32)
@@ -20,7 +20,7 @@ def run(backend: str, steps: int = 5) -> tuple[GPT, list[float]]:
     model = GPT(dataclasses.replace(CFG, kernels=backend), 96, device=DEVICE)
     sparsity = SparsityConfig(density=1 / 16, anneal_start=0.0, anneal_end=0.4)
     train = TrainConfig(steps=steps, lr=1e-2)
-    engine = torch_engine(model, sparse_tensors(model, sparsity), train, sparsity)
+    engine = make_engine(model, sparse_tensors(model, sparsity), train, sparsity)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for step in range(steps):

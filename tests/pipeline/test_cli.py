@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from cli.main import main
 from pipeline.config import resolve_config
 from tests.conftest import copy_packages
 
@@ -55,9 +55,3 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"circuitscale: error: --config: file {tmp_path / 'missing.yaml'} does not exist"
-
-
-def test_unknown_verb_is_rejected(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["frobnicate"])
-    assert info.value.code == 2

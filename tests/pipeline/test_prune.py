@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from model.graph import all_kept, locations
+from model.graph import all_kept, kept_nodes, locations
 from model.hooks import intervene, record
 from pipeline.prune import (
     NodeMask,
@@ -13,9 +13,11 @@ from pipeline.prune import (
     circuit_loss,
     kept_top,
     node_means,
+    overlap,
     prune_task,
 )
-from pipeline.records import CircuitRecord
+from pipeline.records import CircuitRecord, NodeRecord
+from tests.pipeline.planted import PAD, PLANTED, TARGET, as_ranking, planted_means, planted_model, planted_task
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,19 @@ def test_fully_pruned_nodes_carry_their_means(setup):
     torch.testing.assert_close(cache[name], means[(0, "mlp_neuron")].expand(2, 10, -1))
 
 
+def test_partly_pruned_location_keeps_its_kept_channels(setup):
+    model, means, _, _, _, _ = setup
+    name, loc = "transformer.h.0.mlp.hook_post", (0, "mlp_neuron")
+    tokens = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with record(model, [name]) as clean:
+        model(tokens)
+    gates = {loc: (torch.arange(locations(model)[loc]) < 5).float()}  # keep channels 0..4
+    with intervene(model, ablation_hooks(model, gates, means)), record(model, [name]) as seen:
+        model(tokens)
+    torch.testing.assert_close(seen[name][..., :5], clean[name][..., :5])
+    torch.testing.assert_close(seen[name][..., 5:], means[loc][5:].expand(2, 10, -1))
+
+
 def test_mask_is_a_hard_step_with_a_sigmoid_surrogate_gradient():
     mask = NodeMask({(0, "q"): 4}, temperature=0.5, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -57,35 +72,58 @@ def test_mask_is_a_hard_step_with_a_sigmoid_surrogate_gradient():
     assert mask.tau[0].abs().max() <= 1.0
 
 
-def test_bisection_finds_the_smallest_circuit_that_reaches_the_target(setup):
-    model, means, train, _, pad, _ = setup
-    ranking = [(loc, i) for loc, size in locations(model).items() for i in range(size)]
-    full = circuit_loss(model, train, all_kept(model), means, pad, "cpu")
-    target = full + 0.02
-    found = bisect_k(model, train, ranking, means, target, pad, "cpu")
-    assert found is not None
-    k, loss = found
-    assert loss <= target
-    if k > 0:
-        assert circuit_loss(model, train, kept_top(model, ranking, k - 1), means, pad, "cpu") > target
-    assert bisect_k(model, train, ranking, means, 1e-6, pad, "cpu") is None  # unreachable is reported
+def test_bisection_finds_the_smallest_circuit_that_reaches_the_target():
+    """On the planted model (tests/pipeline/planted.py) the target is reached exactly from the prefix that
+    holds the last planted node on."""
+    model = planted_model()
+    means, task = planted_means(model), planted_task()
+    others = [((layer, kind), i) for (layer, kind), size in locations(model).items() for i in range(size)
+              if (layer, kind, i) not in PLANTED]
+    ranking = others[:3] + as_ranking(PLANTED[:2]) + others[3:6] + as_ranking(PLANTED[2:]) + others[6:]
+    k, loss = bisect_k(model, task, ranking, means, TARGET, PAD, "cpu")
+    assert k == 3 + 2 + 3 + 3 and loss <= TARGET
+    assert circuit_loss(model, task, kept_top(model, ranking, k - 1), means, PAD, "cpu") > TARGET
+    assert bisect_k(model, task, others, means, TARGET, PAD, "cpu") is None  # unreachable is reported
 
 
-def test_prune_task_records_a_validated_circuit(setup, tmp_path):
+@pytest.fixture(scope="module")
+def pruned(setup):
+    """A circuit pruned to a target between the whole model's loss and the empty circuit's (so not empty)."""
     model, means, train, test, pad, _ = setup
     full = circuit_loss(model, train, all_kept(model), means, pad, "cpu")
-    cfg = dataclasses.replace(PruneConfig(), steps=20, target_loss=full + 0.05, batch_pairs=4)
-    rec = prune_task(model, train, test, means, cfg, pad_id=pad)
+    empty = circuit_loss(model, train, kept_nodes(model, []), means, pad, "cpu")
+    assert empty > full
+    cfg = dataclasses.replace(PruneConfig(), steps=20, target_loss=(full + empty) / 2, batch_pairs=4)
+    return cfg, prune_task(model, train, test, means, cfg, pad_id=pad)
+
+
+def test_prune_task_records_a_validated_circuit(setup, pruned, tmp_path):
+    model, means, train, test, pad, _ = setup
+    cfg, rec = pruned
     assert rec.status == "found" and rec.total_nodes == sum(locations(model).values())
-    assert len(rec.nodes) <= rec.total_nodes and rec.edges == len(rec.edge_list)
-    assert all(len(n) == 4 and isinstance(n[3], float) for n in rec.nodes)  # with its mean activation
-    kept = {(n[0], n[1], n[2]) for n in rec.nodes}
-    for src_layer, src_kind, src_i, dst_layer, dst_kind, dst_i, weight in rec.edge_list:
-        assert (src_layer, src_kind, src_i) in kept and weight != 0.0
-        assert dst_kind == "logit" or (dst_layer, dst_kind, dst_i) in kept
+    assert 0 < len(rec.nodes) <= rec.total_nodes and rec.edges == len(rec.edge_list) > 0
+    assert all(isinstance(n, NodeRecord) and isinstance(n.mean, float) for n in rec.nodes)  # with its mean
+    kept = {n.key for n in rec.nodes}
+    assert len(kept) == len(rec.nodes)
+    for e in rec.edge_list:
+        assert e.src in kept and e.weight != 0.0
+        assert e.dst_kind == "logit" or e.dst in kept
     for value in (rec.sufficiency_loss, rec.necessity_loss, rec.random_loss):
         assert value is not None and value >= 0
     rec.save(tmp_path / "circuit.json")
     assert CircuitRecord.load(tmp_path / "circuit.json") == rec
     unreachable = prune_task(model, train, test, means, dataclasses.replace(cfg, target_loss=1e-6), pad_id=pad)
     assert unreachable.status == "unreachable" and unreachable.nodes == []
+
+
+def test_overlap_compares_the_node_and_edge_sets_of_found_circuits(setup, pruned):
+    model = setup[0]
+    _, rec = pruned
+    half = dataclasses.replace(rec, nodes=rec.nodes[: len(rec.nodes) // 2])
+    missing = CircuitRecord(task="m", target_loss=0.1, unpruned_loss=1.0, total_nodes=rec.total_nodes,
+                            status="unreachable")
+    matrix = overlap(model, {"all": rec, "half": half, "missing": missing})
+    assert list(matrix["nodes"]) == ["all", "half"]  # no circuit, no overlap
+    assert matrix["nodes"]["all"]["all"] == 1.0 and matrix["edges"]["all"]["all"] == 1.0
+    assert matrix["nodes"]["all"]["half"] == pytest.approx((len(rec.nodes) // 2) / len(rec.nodes))
+    assert 0.0 <= matrix["edges"]["half"]["all"] < 1.0

@@ -69,8 +69,10 @@ def test_an_inexpressible_task_names_its_token(small_dataset):
 
 
 def test_unknown_task_is_a_config_error():
-    with pytest.raises(ConfigError, match="prune.tasks: unknown task"):
+    with pytest.raises(ConfigError, match=r"prune.tasks: unknown task\(s\) \['no_such_task'\]"):
         resolve_config(None, ["prune.tasks=[for_while, no_such_task]"])
+    with pytest.raises(ValueError, match=r"prune.tasks: unknown task\(s\) \['no_such_task'\]"):
+        encode_suite(None, ["no_such_task"], split="train", pairs=1)  # checked before any encoding
 
 
 def test_scores_are_binary_cross_entropy_at_the_last_position(small_dataset):

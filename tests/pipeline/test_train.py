@@ -8,7 +8,7 @@ from model.sparsity import keep_count, sparse_tensors
 from pipeline.config import resolve_config
 from pipeline.errors import ConfigError
 from pipeline.evaluate import lm_loss
-from pipeline.train import TrainConfig, build_optimizer, schedule_at, torch_engine, train_step
+from pipeline.train import TrainConfig, build_optimizer, make_engine, schedule_at, train_step
 
 MODEL = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=16)
 VOCAB = 64
@@ -20,7 +20,7 @@ def run(steps: int, density: float, *, seed: int = 0, batches=None, lr: float = 
     sparsity = SparsityConfig(density=density, anneal_start=0.0, anneal_end=0.5)
     train = TrainConfig(steps=steps, lr=lr, **train_kw)
     tensors = sparse_tensors(model, sparsity)
-    engine = torch_engine(model, tensors, train, sparsity)
+    engine = make_engine(model, tensors, train, sparsity)
     gen = torch.Generator().manual_seed(seed)
     history = []
     for step in range(steps):

@@ -11,16 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from cli.main import main
 from infra.checkpoint import list_checkpoints
 from model.gpt import GPT
+from model.graph import all_kept, kept_nodes
 from model.sparsity import sparse_tensors
+from pipeline.circuits import load_for_pruning
 from pipeline.config import resolve_config
-from pipeline.train import restore, torch_engine
-from pipeline.trial import run_trial
+from pipeline.data import build_data
+from pipeline.prune import circuit_loss
+from pipeline.records import CircuitRecord
+from pipeline.tasks import TASKS, encode_task
+from pipeline.tokenizer import eot_id
+from pipeline.train import NonFiniteLoss, make_engine, restore
+from pipeline.trial import build_training, run_trial
+from tests.reference_paper_gpt import paper_forward
 
 SCRIPT = Path(sys.executable).parent / "circuitscale"
 
@@ -95,7 +103,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(dataset_cache, tmp_pa
     state = checkpoints[-1] / "state.safetensors"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
     model = GPT(cfg.model, 512)
-    engine = torch_engine(model, sparse_tensors(model, cfg.sparsity), cfg.train, cfg.sparsity)
+    engine = make_engine(model, sparse_tensors(model, cfg.sparsity), cfg.train, cfg.sparsity)
     messages = []
     assert restore(tmp_path / "run" / "checkpoints", engine, messages.append) == 5
     assert str(checkpoints[-1]) in messages[0] and "checksum" in messages[0]
@@ -109,6 +117,66 @@ def test_nan_loss_fails_the_run_at_once_with_its_reason(dataset_cache, tmp_path)
     run = mlflow_run(tmp_path / "run")
     assert run.info.status == "FAILED"
     assert "loss became" in run.data.tags["failure_reason"]
+
+
+@pytest.mark.slow
+def test_nan_in_a_spawned_worker_fails_the_run_with_the_workers_own_exception(dataset_cache, tmp_path):
+    cfg = resolve_config(None, tiny(dataset_cache, tmp_path / "run", "trial.workers=2", "train.lr=1e38",
+                                    "train.grad_rms=none"))
+    with pytest.raises(NonFiniteLoss, match="loss became"):  # the worker's exception type, not a message match
+        run_trial(cfg, progress=False, log=lambda _: None)
+    run = mlflow_run(tmp_path / "run")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("NonFiniteLoss: loss became")
+
+
+def _drop_the_last_checkpoint(run_dir: Path) -> None:
+    """Make a finished run look killed after its first checkpoint: the newest checkpoint and everything
+    written after it go, so a rerun resumes from the one before."""
+    import shutil
+
+    shutil.rmtree(list_checkpoints(run_dir / "checkpoints")[-1])
+    shutil.rmtree(run_dir / "export")
+    for name in ("trial.json", "final_metrics.json"):
+        (run_dir / name).unlink()
+
+
+@pytest.mark.slow
+def test_zero3_resume_is_bit_identical(dataset_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = resolve_config(None, tiny(dataset_cache, run_dir, "trial.workers=2", "deepspeed.zero_stage=3",
+                                    "train.steps=10"))
+    run_trial(cfg, progress=False, log=lambda _: None)
+    straight = load_file(str(run_dir / "export/model.safetensors"))
+    _drop_the_last_checkpoint(run_dir)
+    assert run_trial(cfg, progress=False, log=lambda _: None).resumed_from == 5
+    resumed = load_file(str(run_dir / "export/model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.slow
+def test_resume_on_another_worker_count(dataset_cache, tmp_path):
+    """A checkpoint of 2 DeepSpeed ZeRO-2 workers loads whole into 1 plain-torch worker (the engine-agnostic
+    layout: weights, Adam moments, masks), and the run continues there to its end."""
+    run_dir = tmp_path / "run"
+    two = resolve_config(None, tiny(dataset_cache, run_dir, "trial.workers=2", "deepspeed.zero_stage=2",
+                                    "train.steps=10"))
+    run_trial(two, progress=False, log=lambda _: None)
+    _drop_the_last_checkpoint(run_dir)
+    saved = load_file(str(list_checkpoints(run_dir / "checkpoints")[-1] / "state.safetensors"))
+    one = resolve_config(None, tiny(dataset_cache, run_dir, "trial.workers=1", "train.steps=10"))
+    setup = build_training(one, build_data(one.data, progress=False).dataset, "cpu")
+    assert restore(run_dir / "checkpoints", setup.engine, lambda _: None) == 5
+    loaded = setup.engine.full_state()
+    for key, value in saved.items():
+        if key.startswith(("model/", "optim/", "mask/")):
+            assert torch.equal(loaded[key].to(value.dtype), value), key
+    assert {k for k in saved if k.startswith("optim/")} == {k for k in loaded if k.startswith("optim/")}
+    result = run_trial(one, progress=False, log=lambda _: None)
+    assert result.resumed_from == 5 and math.isfinite(result.final["val_loss"])
+    assert mlflow_run(run_dir).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -140,65 +208,43 @@ def test_metrics_and_exports(dataset_cache, tmp_path):
     model = GPT(cfg.model, 512)
     model.load_state_dict(load_file(str(result.export_dir / "model.safetensors")))
     x = torch.randint(0, 512, (2, 20))
-    # the paper layout, run through the forward its spec describes, gives our logits
+    # the paper layout, run through the paper's own forward (tests/reference_paper_gpt.py), gives our logits
     paper = result.export_dir / "paper"
     spec = json.loads((paper / "beeg_config.json").read_text())
     state = torch.load(paper / "final_model.pt", weights_only=True)
     torch.testing.assert_close(paper_forward(spec, state, x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def paper_forward(cfg: dict, sd: dict, idx: torch.Tensor) -> torch.Tensor:
-    """The forward described in shared/FORMAT-paper-checkpoint.md (no AbsTopK: afrac is null here)."""
-    assert cfg["afrac"] is None and cfg["rms_norm"] and not cfg["tied_unembed"]
-    B, T = idx.shape
-    H, D = cfg["n_head"], cfg["d_head"]
-    norm = lambda x, w: F.rms_norm(x, (x.shape[-1],), w)  # noqa: E731
-    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
-    for i in range(cfg["n_layer"]):
-        p = f"transformer.h.{i}."
-        h = norm(x, sd[p + "ln_1.weight"])
-        q, k, v = F.linear(h, sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]).split(H * D, dim=-1)
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
-        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-        if cfg["sink"]:
-            sink = sd[p + "attn.attn_imp.sink_logit"].view(1, H, 1, 1).expand(B, H, T, 1)
-            probs = torch.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:]
-        else:
-            probs = torch.softmax(scores, dim=-1)
-        y = (probs @ v).transpose(1, 2).reshape(B, T, H * D)
-        x = x + F.linear(y, sd[p + "attn.c_proj.weight"], sd[p + "attn.c_proj.bias"])
-        h = F.gelu(F.linear(norm(x, sd[p + "ln_2.weight"]), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"]))
-        x = x + F.linear(h, sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
-    logits = F.linear(norm(x, sd["transformer.ln_f.weight"]), sd["lm_head.weight"]) + sd["final_logits_bias"]
-    if cfg["enable_bigram_table"]:
-        logits = logits + sd["bigram_table"][idx]
-    return logits
-
-
 def test_prune_verb_on_a_trained_run(dataset_cache, tmp_path, capsys):
-    from pipeline.cli import main
-
-    cfg = resolve_config(None, tiny(dataset_cache, tmp_path / "run", "train.steps=5"))
+    run_dir = tmp_path / "run"
+    prune = ["prune.tasks=[if_equals, while_return_true]", "prune.steps=5", "prune.pairs=4", "prune.mean_batches=2"]
+    cfg = resolve_config(None, tiny(dataset_cache, run_dir, "train.steps=5", *prune))
     run_trial(cfg, progress=False, log=lambda _: None)
-    code = main(["prune", "--no-progress", str(tmp_path / "run"), "prune.tasks=[if_equals, while_return_true]",
-                 "prune.steps=5", "prune.pairs=4", "prune.target_loss=5.0", "prune.mean_batches=2"])
+    # a target the whole model reaches and the empty circuit misses, so the circuit cannot be trivial
+    model, tokenizer, means = load_for_pruning(run_dir, cfg, build_data(cfg.data, progress=False).dataset)
+    task = encode_task(TASKS["if_equals"], tokenizer, split="train", pairs=4)
+    full = circuit_loss(model, task, all_kept(model), means, eot_id(tokenizer), "cpu")
+    empty = circuit_loss(model, task, kept_nodes(model, []), means, eot_id(tokenizer), "cpu")
+    assert full < empty - 0.01, (full, empty)
+    target = (full + empty) / 2
+    code = main(["prune", "--no-progress", str(run_dir), *prune, f"prune.target_loss={target}"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "if_equals" in out and "geometric mean of circuit edges" in out
-    circuits = tmp_path / "run" / "circuits"
-    record = json.loads((circuits / "if_equals.json").read_text())
-    assert record["status"] == "found" and record["sufficiency_loss"] <= 5.0
+    circuits = run_dir / "circuits"
+    record = CircuitRecord.load(circuits / "if_equals.json")
+    assert record.status == "found" and record.target_loss == target
+    assert 0 < len(record.nodes) < record.total_nodes
+    assert circuit_loss(model, task, kept_nodes(model, [n.key for n in record.nodes]), means, eot_id(tokenizer),
+                        "cpu") <= target  # the recorded circuit reaches the target it was bisected to
     page = (circuits / "if_equals.html").read_text()
     assert "<svg" in page and "if_equals circuit" in page  # the viewer page beside the record
     matrix = json.loads((circuits / "overlap.json").read_text())
-    assert matrix["nodes"]["if_equals"]["if_equals"] in (0.0, 1.0)
-    run = mlflow_run(tmp_path / "run")
-    assert "circuit/if_equals/edges" in run.data.metrics and run.info.status == "FINISHED"
+    assert matrix["nodes"]["if_equals"]["if_equals"] == 1.0
+    run = mlflow_run(run_dir)
+    assert run.data.metrics["circuit/if_equals/edges"] == record.edges and run.info.status == "FINISHED"
 
 
 def test_prune_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
-    from pipeline.cli import main
-
     assert main(["prune", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.graph import Node, all_kept, edge_list, edge_weight, hook_name, kept_from_nodes
+from model.graph import all_kept, edge_list, edge_weight, hook_name, kept_nodes
 from model.hooks import record
 from pipeline.prune import PruneConfig, circuit_loss, prune_task
-from pipeline.records import CircuitRecord
-from pipeline.viewer import KIND_COLOUR, node_examples, padded, render
+from pipeline.records import CircuitRecord, EdgeRecord, NodeRecord
+from pipeline.viewer import KIND_COLOUR, Example, node_examples, padded, render
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,13 @@ def circuit(tiny_task_setup):
     full = circuit_loss(model, train, all_kept(model), means, pad, "cpu")
     rec = prune_task(model, train, test, means, dataclasses.replace(PruneConfig(), steps=5, target_loss=full + 0.05),
                      pad_id=pad)  # an untrained model: the empty circuit does; give it a hand-picked one to draw
-    nodes = [Node(-1, "embed", 1), Node(0, "attn_in", 1), Node(0, "v", 2), Node(0, "attn_out", 5),
-             Node(0, "mlp_in", 5), Node(0, "mlp_neuron", 7), Node(0, "mlp_out", 9), Node(1, "final", 9)]
+    nodes = [(-1, "embed", 1), (0, "attn_in", 1), (0, "v", 2), (0, "attn_out", 5), (0, "mlp_in", 5),
+             (0, "mlp_neuron", 7), (0, "mlp_out", 9), (1, "final", 9)]
     tokens = sorted(set(test.candidates.flatten().tolist()))
-    rec = dataclasses.replace(rec, nodes=[[n.layer, n.kind, n.index, 0.0] for n in nodes], edge_list=[
-        [s.layer, s.kind, s.index, t.layer, t.kind, t.index, edge_weight(model, s, t)]
-        for s, t in edge_list(model, kept_from_nodes(model, nodes), output_tokens=tokens)])
-    assert len(rec.edge_list) > len(nodes)
+    rec = dataclasses.replace(rec, nodes=[NodeRecord(*n, 0.0) for n in nodes], edge_list=[
+        EdgeRecord(s.layer, s.kind, s.index, t.layer, t.kind, t.index, edge_weight(model, s, t))
+        for s, t in edge_list(model, kept_nodes(model, nodes), output_tokens=tokens)])
+    assert len(rec.edge_list) > len(nodes) and any(e.dst_kind == "logit" for e in rec.edge_list)
     return model, tok, rec, test, [loader.batch(i)[:, :-1] for i in range(2)]
 
 
@@ -50,7 +50,7 @@ def test_examples_are_the_largest_activations_and_skip_padding(circuit):
 
 def page_for(circuit) -> str:
     model, tok, rec, test, batches = circuit
-    nodes = [tuple(n[:3]) for n in rec.nodes]
+    nodes = [n.key for n in rec.nodes]
     candidates = {int(t): tok.decode([int(t)]) for t in test.candidates.flatten().unique().tolist()}
     return render(rec, model_name="tiny", candidate_tokens=candidates,
                   task_examples=node_examples(model, tok, nodes, padded(test.prompts, 32)),
@@ -60,11 +60,11 @@ def page_for(circuit) -> str:
 def test_page_draws_every_node_and_edge_and_is_self_contained(circuit):
     _, _, rec, _, _ = circuit
     page = page_for(circuit)
-    logits = {(e[3], e[5]) for e in rec.edge_list if e[4] == "logit"}
+    logits = {e.dst for e in rec.edge_list if e.dst_kind == "logit"}
     assert page.count("<circle") == len(rec.nodes) + len(logits)
     assert page.count("<path") == len(rec.edge_list)
-    for layer, kind, index, _ in rec.nodes:
-        assert f'id="n-{layer}-{kind}-{index}"' in page and f'href="#n-{layer}-{kind}-{index}"' in page
+    for n in rec.nodes:
+        assert f'id="n-{n.layer}-{n.kind}-{n.index}"' in page and f'href="#n-{n.layer}-{n.kind}-{n.index}"' in page
     assert f"{rec.sufficiency_loss:.3f}" in page and f"{len(rec.nodes)} of {rec.total_nodes}" in page
     # offline: nothing fetched from anywhere (the only URL is the SVG namespace), no scripts
     assert re.findall(r"(?:src|href)=\"(?!#)", page) == [] and "<script" not in page and "<link" not in page
@@ -79,6 +79,15 @@ def test_empty_and_unreachable_circuits_say_why(circuit):
     assert "does not reach the target" in render(missing, model_name="m", candidate_tokens={}, task_examples={},
                                                 data_examples={})
 
+
+
+def test_tokens_are_escaped_and_show_their_whitespace(circuit):
+    _, _, rec, _, _ = circuit
+    odd = Example(before=["<b>", " x"], token="\n&", activation=0.5)
+    page = render(rec, model_name="<m>", candidate_tokens={}, task_examples={rec.nodes[0].key: [odd]},
+                  data_examples={})
+    assert '<span class="ctx">&lt;b&gt;·x</span><mark>⏎&amp;</mark> <span class="act">+0.5</span>' in page
+    assert "<b>" not in page and "<title>if_equals circuit — &lt;m&gt;</title>" in page
 
 def chromium() -> str | None:
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -106,7 +115,7 @@ def test_page_renders_a_graph_in_headless_chromium(circuit, tmp_path):
         return int(((pixels - rgb).abs().max(dim=1).values <= 8).sum())
 
     _, _, rec, _, _ = circuit
-    kinds = {n[1] for n in rec.nodes}
+    kinds = {n.kind for n in rec.nodes}
     missing = [k for k in kinds if on_screen(KIND_COLOUR[k]) < 100]  # a node disc is ~250 pixels
     assert not missing, f"node kinds not on screen: {missing}"
     assert on_screen(KIND_COLOUR["logit"]) >= 100  # the candidate logits

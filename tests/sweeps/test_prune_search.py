@@ -31,7 +31,7 @@ def test_search_keeps_the_smallest_circuit_and_starts_at_the_centres(small_datas
 
 @pytest.mark.slow
 def test_prune_verb_searches_when_asked(small_dataset, small_corpus, tmp_path, capsys):
-    from pipeline.cli import main
+    from cli.main import main
 
     args = [f"data.sources=[{small_corpus}]", f"data.cache_dir={small_dataset.dataset.folder.parent}",
             "data.vocab_size=512", "data.val_fraction=0.2", "data.shard_tokens=20000", "model.d_model=32",

@@ -133,7 +133,7 @@ def test_ui_serves_the_study_store_on_loopback(smoke):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", str(folder), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ui", str(folder), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120

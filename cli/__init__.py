@@ -1,0 +1,1 @@
+"""The `circuitscale` command line: the top layer, above sweeps/ and analysis/ (DESIGN.md)."""
