@@ -110,4 +110,5 @@ def matched_loss_ratio(dense: list[tuple[float, float]], sparse: list[tuple[floa
         matches.append((loss, edges / matched))
     if not matches:
         return None, []
+    # not records.edge_geomean: these are ratios, often below 1, which its 1-edge floor would clip
     return float(np.exp(np.mean(np.log([m[1] for m in matches])))), matches

@@ -18,10 +18,9 @@ from pathlib import Path
 # This folder holds kernels.py: run as a script, it would shadow the `kernels` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from pipeline.config import resolve_config  # noqa: E402
+from pipeline.config import resolve_config, token_loader  # noqa: E402
 from pipeline.corpus import collect_documents  # noqa: E402
 from pipeline.data import build_data, split_documents  # noqa: E402
-from pipeline.loader import TokenLoader  # noqa: E402
 from pipeline.shards import encode_documents, token_dtype  # noqa: E402
 from pipeline.tokenizer import eot_id  # noqa: E402
 
@@ -65,8 +64,7 @@ def tokenize_throughput(cfg, dataset, repeats: int) -> float:
 
 
 def loader_throughput(cfg, dataset, repeats: int, batches: int) -> float:
-    loader = TokenLoader(dataset, split="train", batch_size=cfg.train.batch_size,
-                         context_length=cfg.model.context_length, seed=cfg.train.seed)
+    loader = token_loader(cfg, dataset, "train")  # the training stage's loader: batch size, context, seed
     rates = []
     for run in range(repeats):
         start = time.perf_counter()

@@ -19,10 +19,11 @@ import torch  # noqa: E402
 from model.config import ModelConfig, SparsityConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.sparsity import sparse_tensors  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.data import DataConfig, build_data  # noqa: E402
 from pipeline.evaluate import lm_loss  # noqa: E402
 from pipeline.loader import TokenLoader  # noqa: E402
-from pipeline.train import TrainConfig, make_engine, train_step  # noqa: E402
+from pipeline.train import make_engine, train_step  # noqa: E402
 
 
 def run(dataset, model_cfg, density: float, steps: int, batch: int, device: str) -> dict:

@@ -31,7 +31,8 @@ from kernels.topk import keep_count, threshold_topk_mask  # noqa: E402
 from model.config import ModelConfig, SparsityConfig  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.sparsity import project_, sparse_tensors  # noqa: E402
-from pipeline.train import TrainConfig, build_optimizer  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.train import build_optimizer  # noqa: E402
 
 DENSITIES = {"1/4": 1 / 4, "1/16": 1 / 16, "1/64": 1 / 64, "1/256": 1 / 256}
 D, TOKENS, VOCAB = 1024, 4096, 2048

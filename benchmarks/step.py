@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from model.config import SparsityConfig, min_density  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.sparsity import sparse_tensors  # noqa: E402
-from pipeline.config import resolve_config  # noqa: E402
-from pipeline.train import TrainConfig, make_engine, train_step  # noqa: E402
+from pipeline.config import TrainConfig, resolve_config  # noqa: E402
+from pipeline.train import make_engine, train_step  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "sweeps" / "configs" / "cpu.yaml"
 DENSITIES = {"1": 1.0, "1/4": 0.25, "1/16": 1 / 16, "1/64": 1 / 64}

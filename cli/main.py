@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from infra.tracking import tracked_run
-from pipeline.circuits import prune_run
+from pipeline.circuits import prune_run, require_trained
 from pipeline.config import ExperimentConfig, config_to_yaml, resolve_config
 from pipeline.data import DataResult, build_data
 from pipeline.errors import ConfigError, UserError
@@ -108,8 +108,11 @@ def run_train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         print(f"circuitscale: training failed: {err} (run marked FAILED)", file=sys.stderr)
         return 1
     final = result.final
-    print(f"trained {cfg.train.steps} steps in {result.run_dir.resolve()}"
-          + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
+    if result.reused:
+        print(f"already trained: {result.run_dir.resolve()} holds this config's finished trial (nothing rerun)")
+    else:
+        print(f"trained {cfg.train.steps} steps in {result.run_dir.resolve()}"
+              + (f" (resumed from step {result.resumed_from})" if result.resumed_from else ""))
     print(f"  val_loss {final['val_loss']:.4f}  L0 {final['l0_total']:.0f}  dead neurons {final['dead_neurons']:.0f}"
           f"  residual kurtosis {final['residual_kurtosis']:.2f}")
     if "task_accuracy_mean" in final:
@@ -131,6 +134,7 @@ def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         def search(task: str):
             return search_prune(run_dir, cfg, task, cfg.prune.search_runs, storage=run_dir / "prune_search").best
 
+    require_trained(run_dir)  # before the run is opened: a folder without a model leaves its run as it was
     dataset = build_data(cfg.data, progress=False).dataset
     with tracked_run(cfg.tracking, run_dir) as tracker:  # the run's own MLflow run, continued
         result = prune_run(run_dir, cfg, dataset, tracker, device=device, progress=not args.no_progress,

@@ -6,10 +6,14 @@ Train), `spawn()` starting N local processes, or one process alone (a world of o
 
 import ctypes
 import os
+import pickle
 import signal
 import socket
 import sys
+import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -65,32 +69,46 @@ def spawn(fn: Callable[..., None], workers: int, *args) -> None:
     port = free_port()
     if workers > 1:
         prebuild_cpu_comm_op()
-    context = mp.get_context("spawn")
-    errors = context.SimpleQueue()
-    processes = mp.start_processes(_entry, args=(fn, workers, port, errors, args), nprocs=workers,
-                                   start_method="spawn", join=False)
-    try:
-        while not processes.join():
-            pass
-    except ProcessRaisedException as failure:
-        _stop(processes.processes)
-        if not errors.empty():
-            raise errors.get() from failure
-        raise
-    except BaseException:
-        _stop(processes.processes)
-        raise
+    with tempfile.TemporaryDirectory(prefix="circuitscale-spawn-") as errors:
+        processes = mp.start_processes(_entry, args=(fn, workers, port, errors, args), nprocs=workers,
+                                       start_method="spawn", join=False)
+        try:
+            while not processes.join():
+                pass
+        except ProcessRaisedException as failure:
+            _stop(processes.processes, settle_s=10.0)  # peers that fail too (the same NaN) end by themselves
+            raised = _raised_in(Path(errors), failure.error_index)
+            if raised is None:
+                raise
+            raise raised from failure
+        except BaseException:
+            _stop(processes.processes)
+            raise
 
 
-def _stop(processes: list, grace_s: float = 60.0) -> None:
-    """SIGTERM to the workers still alive, then wait for them to finish their runs' bookkeeping."""
+def _stop(processes: list, *, settle_s: float = 0.0, grace_s: float = 30.0) -> None:
+    """Give the workers `settle_s` to end by themselves, then SIGTERM to those alive and `grace_s` (in all)
+    to finish their runs' bookkeeping; SIGKILL to any still alive (e.g. stuck in a collective with a dead
+    peer)."""
+    deadline = time.monotonic() + settle_s
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
     for process in processes:
         if process.is_alive():
             process.terminate()
+    deadline = time.monotonic() + grace_s
     for process in processes:
-        process.join(timeout=grace_s)
-        if process.is_alive():  # stuck (e.g. in a collective with a dead peer)
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
             process.kill()
+
+
+def _raised_in(folder: Path, rank: int) -> BaseException | None:
+    """The exception worker `rank` wrote before it died, or None (none written, or it does not unpickle)."""
+    try:
+        return pickle.loads((folder / f"rank-{rank}.pickle").read_bytes())
+    except Exception:  # noqa: BLE001 - torch's report of the failure is raised instead
+        return None
 
 
 def prebuild_cpu_comm_op() -> None:
@@ -110,7 +128,7 @@ def prebuild_cpu_comm_op() -> None:
         pass
 
 
-def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, errors, args: tuple) -> None:
+def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, errors: str, args: tuple) -> None:
     _die_with_parent()
     signal.signal(signal.SIGTERM, _interrupt)  # stopped by the parent: an interrupt, so runs end KILLED
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(workers), LOCAL_RANK=str(rank),
@@ -121,8 +139,8 @@ def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, errors, 
     try:
         fn(*args)
     except BaseException as err:
-        try:
-            errors.put(err)  # the exception itself, for spawn() to raise in the parent
+        try:  # the exception itself, for spawn() to raise in the parent
+            (Path(errors) / f"rank-{rank}.pickle").write_bytes(pickle.dumps(err))
         except Exception:  # noqa: BLE001 - an exception that does not pickle: torch's report still names it
             pass
         raise

@@ -74,9 +74,7 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, dataset: Dataset, tracker: R
 
 def load_for_pruning(run_dir: Path, cfg: ExperimentConfig, dataset: Dataset, device: str = "cpu"):
     """The run's trained model (eval mode, frozen), its tokenizer, and the node means pruning ablates to."""
-    weights = run_dir / "export" / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{run_dir} holds no trained model ({weights} is missing); run `circuitscale train` first")
+    weights = require_trained(run_dir)
     tokenizer = dataset.tokenizer()
     model = GPT(cfg.model, tokenizer.get_vocab_size(), device=device)
     model.load_state_dict(load_file(str(weights)))
@@ -84,6 +82,14 @@ def load_for_pruning(run_dir: Path, cfg: ExperimentConfig, dataset: Dataset, dev
     loader = token_loader(cfg, dataset, "train")
     means = node_means(model, loader, cfg.prune.mean_batches, cfg.prune.mean_pooling, device)
     return model, tokenizer, means
+
+
+def require_trained(run_dir: Path) -> Path:
+    """The run's exported weights; a UserError if the run holds no trained model."""
+    weights = run_dir / "export" / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{run_dir} holds no trained model ({weights} is missing); run `circuitscale train` first")
+    return weights
 
 
 def viewer_batches(cfg: ExperimentConfig, dataset: Dataset) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ ranges. Every failure becomes one `ConfigError` line that names the key.
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -28,9 +28,66 @@ from pipeline.data import DataConfig, Dataset, check_data_config
 from pipeline.errors import ConfigError
 from pipeline.loader import TokenLoader
 from pipeline.prune import PruneConfig, check_prune_config
-from pipeline.train import TrainConfig, TrialConfig, check_train_config, check_trial_config
 
 CONFIG_FILENAME = "config.yaml"
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # sequences per optimizer step per worker
+    grad_accum: int = 1
+    lr: float = 1e-2  # peak LR at the final L0; scaled by the sharkfin factor (METHOD.md 3)
+    warmup_frac: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 0.1  # METHOD.md 3: Adam eps 0.1 for the sparse weights
+    weight_decay: float = 0.1
+    # rescale: always divide the global gradient by its RMS (released code); clip: only when RMS > 1
+    # (the paper's wording); none: neither. (Not 'off': YAML reads that as false.)
+    grad_rms: Literal["rescale", "clip", "none"] = "rescale"
+    # METHOD.md 8: with eps 0.1 and RMS normalization the dense bigram table barely trains; its own
+    # optimizer group with a small eps fixed that.
+    bigram_eps: float = 1e-8
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 10  # validation batches per evaluation (a fixed, unshuffled set)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    run_dir: str | None = None  # None: runs/train/<hash of the resolved config>
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrialConfig:
+    workers: int = 1  # data-parallel training processes per trial
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: DeepSpeed when workers > 1
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
+                "keep_checkpoints"):
+        value = getattr(cfg, key)
+        if value < 1:
+            raise ValueError(f"train.{key}: must be a positive integer, got {value}")
+    for key in ("lr", "eps", "bigram_eps"):
+        value = getattr(cfg, key)
+        if value <= 0:
+            raise ValueError(f"train.{key}: must be > 0, got {value}")
+    for key in ("beta1", "beta2"):
+        value = getattr(cfg, key)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"train.{key}: must lie in [0, 1), got {value}")
+    if not 0.0 <= cfg.warmup_frac <= 1.0:
+        raise ValueError(f"train.warmup_frac: must lie in [0, 1], got {cfg.warmup_frac}")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"train.weight_decay: must be >= 0, got {cfg.weight_decay}")
+
+
+def check_trial_config(cfg: TrialConfig) -> None:
+    if cfg.workers < 1:
+        raise ValueError(f"trial.workers: must be a positive integer, got {cfg.workers}")
+    if cfg.engine == "torch" and cfg.workers > 1:
+        raise ValueError(f"trial.engine: torch trains in one process; {cfg.workers} workers need deepspeed (or auto)")
 
 
 @dataclass(kw_only=True, frozen=True)

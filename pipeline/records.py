@@ -9,12 +9,13 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 import numpy as np
 
 CircuitStatus = Literal["pending", "found", "unreachable"]  # unreachable: the whole model misses the target
 NodeKey = tuple[int, str, int]  # (layer, kind, index): model/graph.py's node address
+T = TypeVar("T")
 
 
 class JsonRecord:
@@ -84,8 +85,11 @@ class CurvePoint:
     edges: int | None
 
 
-def _curve(points: list[dict]) -> list[CurvePoint]:
-    return [CurvePoint(**p) for p in points]
+def _entries(cls: type[T], entries: list[dict | list]) -> list[T]:
+    """Typed records from a list of JSON entries. Files written before the typed records stored each node,
+    edge and curve point as a positional list ([layer, kind, index, mean] etc., in field order): read those
+    positionally so a study started before the change can still be resumed and reported."""
+    return [cls(*e) if isinstance(e, list) else cls(**e) for e in entries]
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class CircuitSummary(JsonRecord):
 
     @classmethod
     def from_dict(cls, data: dict) -> "CircuitSummary":
-        return cls(**data | {"target_curve": _curve(data["target_curve"])})
+        return cls(**data | {"target_curve": _entries(CurvePoint, data["target_curve"])})
 
 
 @dataclass
@@ -128,9 +132,9 @@ class CircuitRecord(JsonRecord):
 
     @classmethod
     def from_dict(cls, data: dict) -> "CircuitRecord":
-        return cls(**data | {"nodes": [NodeRecord(**n) for n in data["nodes"]],
-                             "edge_list": [EdgeRecord(**e) for e in data["edge_list"]],
-                             "target_curve": _curve(data["target_curve"])})
+        return cls(**data | {"nodes": _entries(NodeRecord, data["nodes"]),
+                             "edge_list": _entries(EdgeRecord, data["edge_list"]),
+                             "target_curve": _entries(CurvePoint, data["target_curve"])})
 
     def summary(self) -> CircuitSummary:
         return CircuitSummary(status=self.status, nodes=len(self.nodes), edges=self.edges,

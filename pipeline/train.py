@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,64 +27,9 @@ from kernels.optimizer import SparseAdam, SparseSpec
 from model.config import SparsityConfig
 from model.gpt import GPT
 from model.sparsity import SparseTensor, attach_masks, density_at, lr_at
+from pipeline.config import TrainConfig
 from pipeline.evaluate import dead_neurons, lm_loss, residual_kurtosis, sparsity_figures, validation_loss
 from pipeline.loader import TokenLoader
-
-
-@dataclass(kw_only=True, frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32  # sequences per optimizer step per worker
-    grad_accum: int = 1
-    lr: float = 1e-2  # peak LR at the final L0; scaled by the sharkfin factor (METHOD.md 3)
-    warmup_frac: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 0.1  # METHOD.md 3: Adam eps 0.1 for the sparse weights
-    weight_decay: float = 0.1
-    # rescale: always divide the global gradient by its RMS (released code); clip: only when RMS > 1
-    # (the paper's wording); none: neither. (Not 'off': YAML reads that as false.)
-    grad_rms: Literal["rescale", "clip", "none"] = "rescale"
-    # METHOD.md 8: with eps 0.1 and RMS normalization the dense bigram table barely trains; its own
-    # optimizer group with a small eps fixed that.
-    bigram_eps: float = 1e-8
-    seed: int = 0
-    eval_every: int = 100
-    eval_batches: int = 10  # validation batches per evaluation (a fixed, unshuffled set)
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    run_dir: str | None = None  # None: runs/train/<hash of the resolved config>
-
-
-@dataclass(kw_only=True, frozen=True)
-class TrialConfig:
-    workers: int = 1  # data-parallel training processes per trial
-    engine: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: DeepSpeed when workers > 1
-
-
-def check_train_config(cfg: TrainConfig) -> None:
-    for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
-                "keep_checkpoints"):
-        value = getattr(cfg, key)
-        if value < 1:
-            raise ValueError(f"train.{key}: must be a positive integer, got {value}")
-    for key in ("lr", "eps", "bigram_eps"):
-        value = getattr(cfg, key)
-        if value <= 0:
-            raise ValueError(f"train.{key}: must be > 0, got {value}")
-    for key in ("beta1", "beta2"):
-        value = getattr(cfg, key)
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"train.{key}: must lie in [0, 1), got {value}")
-    if not 0.0 <= cfg.warmup_frac <= 1.0:
-        raise ValueError(f"train.warmup_frac: must lie in [0, 1], got {cfg.warmup_frac}")
-    if cfg.weight_decay < 0:
-        raise ValueError(f"train.weight_decay: must be >= 0, got {cfg.weight_decay}")
-
-
-def check_trial_config(cfg: TrialConfig) -> None:
-    if cfg.workers < 1:
-        raise ValueError(f"trial.workers: must be a positive integer, got {cfg.workers}")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from infra.distributed import spawn
+from infra.distributed import init_process_group, spawn
 from infra.tracking import RUN_FILE, NullTracker, tracked_run
 from model.config import param_counts
 from model.gpt import GPT
@@ -55,14 +55,15 @@ class TrialResult:
     mlflow_run_id: str
     resumed_from: int
     final: dict[str, float]
+    reused: bool = False  # the trial was finished before: nothing ran
 
     @classmethod
-    def read(cls, run_dir: Path) -> "TrialResult":
+    def read(cls, run_dir: Path, *, reused: bool = False) -> "TrialResult":
         """A finished trial's result, from the files rank 0 wrote in its run folder."""
         run = json.loads((run_dir / RUN_FILE).read_text())
         summary = json.loads((run_dir / SUMMARY).read_text())
         return cls(run_dir=run_dir, export_dir=run_dir / "export", mlflow_uri=run["uri"], mlflow_run_id=run["run_id"],
-                   resumed_from=summary["resumed_from"], final=summary["final"])
+                   resumed_from=summary["resumed_from"], final=summary["final"], reused=reused)
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
@@ -90,15 +91,23 @@ def flat_params(cfg: ExperimentConfig) -> dict[str, object]:
 
 def run_trial(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = True, prune: bool = False,
               log: Callable[[str], None] = print) -> TrialResult:
-    """The trial from this process (`circuitscale train`): the data built once, then `trial_rank` here
-    (one worker) or in `trial.workers` spawned processes. A failed rank's own exception is raised here."""
+    """The trial from this process (`circuitscale train`): nothing when it is finished already (`reused`),
+    else the data built once, then `trial_rank` here (one worker) or in `trial.workers` spawned processes.
+    Spawned ranks print when `log` is print and stay silent otherwise (a logger does not cross processes).
+    A failed rank's own exception is raised here."""
+    run_dir = run_dir_for(cfg)
+    if finished(run_dir, cfg):
+        return TrialResult.read(run_dir, reused=True)
     dataset = build_data(cfg.data, config_yaml=config_to_yaml(cfg), progress=progress).dataset
     rank = functools.partial(trial_rank, cfg, device=device, progress=progress, prune=prune, data=dataset.folder)
     if cfg.trial.workers == 1:
         rank(log=log)
     else:
-        spawn(rank, cfg.trial.workers)  # rank 0 logs with print
-    return TrialResult.read(run_dir_for(cfg))
+        # this process holds the run as well, and has the last word on its status: a rank that dies without
+        # a word, or one stopped because another failed, still leaves the run FAILED with the real cause
+        with tracked_run(cfg.tracking, run_dir, params=flat_params(cfg)):
+            spawn(functools.partial(rank, log=print if log is print else _silent), cfg.trial.workers)
+    return TrialResult.read(run_dir)
 
 
 def trial_rank(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = False, prune: bool = True,
@@ -106,24 +115,25 @@ def trial_rank(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = F
     """One rank of the trial (RANK / WORLD_SIZE from the launcher, or a world of one). Every rank trains;
     rank 0 owns the MLflow run and its status, exports, scores the tasks, prunes (with `prune`) and writes
     the trial record last. Returns the final metrics on rank 0 (and on every rank of a finished trial),
-    None on other ranks. A trial whose record
-    exists for this very config is finished and is not rerun; otherwise it resumes from its checkpoints
-    and continues its MLflow run."""
+    None on other ranks. A trial whose record exists for this very config is finished and is not rerun;
+    otherwise it resumes from its checkpoints and continues its MLflow run."""
     run_dir = run_dir_for(cfg)
     if finished(run_dir, cfg):
         return finished_metrics(run_dir)
     tick = time.perf_counter()
-    dataset = Dataset.open(data) if data is not None else build_data(cfg.data, progress=False).dataset
-    setup = build_training(cfg, dataset, device)
-    lead = setup.engine.rank == 0
-    say = log if lead else (lambda _: None)
-    run = (tracked_run(cfg.tracking, run_dir, params=flat_params(cfg)) if lead else nullcontext(NullTracker()))
+    # the rank of this process in the trial's group (joined here under DeepSpeed), so that rank 0 holds the
+    # run from the start: a failure while building the model or the engine is recorded too
+    rank = init_process_group(cfg.deepspeed.backend)[0] if engine_kind(cfg) == "deepspeed" else 0
+    lead = rank == 0
+    say = log if lead else _silent
+    run = tracked_run(cfg.tracking, run_dir, params=flat_params(cfg)) if lead else nullcontext(NullTracker())
     with run as tracker:
         if lead:
-            say(f"run folder {run_dir.resolve()}; MLflow run {tracker.run_id} at {tracker.uri}"
-                + (" (resumed)" if tracker.resumed else ""))
+            say(f"run folder {run_dir.resolve()}; MLflow run {tracker.run_id} at {tracker.uri}")
             (run_dir / TRIAL_FILE).unlink(missing_ok=True)  # a record of another config's run
             config_path = save_config(cfg, run_dir)
+        dataset = Dataset.open(data) if data is not None else build_data(cfg.data, progress=False).dataset
+        setup = build_training(cfg, dataset, device)
         result = train(setup, cfg.train, cfg.sparsity, run_dir, tracker,
                        checkpoint_meta={"config": config_to_yaml(cfg)}, device=device, progress=progress and lead,
                        log=say)
@@ -216,6 +226,10 @@ def _trial_metrics(trial: TrialRecord) -> dict[str, float]:
     if trial.circuit_edges_geomean is not None:
         out["circuit_edges_geomean"] = trial.circuit_edges_geomean
     return out
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0 (a module-level function, so it crosses into spawned processes)."""
 
 
 def _train_sample(dataset: Dataset, max_tokens: int = 1 << 22) -> torch.Tensor:

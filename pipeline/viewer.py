@@ -11,6 +11,7 @@ template `templates/viewer.html.j2`.
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from tokenizers import Tokenizer
@@ -190,8 +191,14 @@ def shown(text: str) -> str:
 def render(rec: CircuitRecord, *, model_name: str, candidate_tokens: dict[int, str],
            task_examples: dict[NodeKey, list[Example]], data_examples: dict[NodeKey, list[Example]]) -> str:
     """The viewer page for one circuit record (a string of HTML)."""
-    env = environment("pipeline")
-    env.filters["shown"] = shown
-    return env.get_template("viewer.html.j2").render(
+    return _template().render(
         rec=rec, title=f"{rec.task} circuit — {model_name}", drawing=layout(rec, candidate_tokens, task_examples),
         colours=KIND_COLOUR, task_examples=task_examples, data_examples=data_examples)
+
+
+@cache
+def _template():
+    """The page's template, its Jinja environment built once per process (every circuit renders with it)."""
+    env = environment("pipeline")
+    env.filters["shown"] = shown
+    return env.get_template("viewer.html.j2")

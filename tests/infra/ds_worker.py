@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from kernels.topk import keep_count
 from model.config import ModelConfig, SparsityConfig
 from model.gpt import GPT
 from model.sparsity import attach_masks, sparse_tensors
-from pipeline.train import TrainConfig, build_optimizer, train_step
+from pipeline.config import TrainConfig
+from pipeline.train import build_optimizer, train_step
 
 MODEL = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=16)
 SPARSITY = SparsityConfig(density=1 / 16, anneal_start=0.0, anneal_end=0.0)  # at the target from step 1
@@ -73,3 +75,10 @@ class WorkerError(ValueError):
 
 def fail(message: str) -> None:
     raise WorkerError(f"{message} on rank {os.environ['RANK']}")
+
+
+def fail_on_rank_one(message: str) -> None:
+    """Rank 1 fails at once; rank 0 carries on as if stuck in a collective with its dead peer."""
+    if os.environ["RANK"] == "1":
+        raise WorkerError(f"{message} on rank 1")
+    time.sleep(600)

@@ -74,6 +74,29 @@ def test_container_installs_the_projects_own_lock():
     assert match and f"torch=={match.group(1)}" in makefile  # the same torch version in both
 
 
+def test_container_copies_every_package_and_its_package_data():
+    dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in setuptools["packages"]["find"]["include"]]
+    import_check = re.search(r'python -c "import ([^"]+)"', dockerfile)
+    assert import_check, "the image no longer checks that its packages import"
+    imported = {name.strip() for name in import_check.group(1).split(",")}
+    for pkg in packages:
+        assert re.search(rf"^COPY {pkg}/ {pkg}/$", dockerfile, re.M), f"the Dockerfile does not copy {pkg}/"
+        assert pkg in imported, f"the Dockerfile's import check leaves out {pkg}"
+    # Package data (templates, sweep configs) lives inside the copied package folders: each glob must match
+    # a file, and no .dockerignore may drop it from the build context.
+    for pkg, globs in setuptools["package-data"].items():
+        assert pkg in packages
+        for pattern in globs:
+            assert list((ROOT / pkg).glob(pattern)), f"{pkg}/{pattern} matches no file"
+    for ignore in (ROOT / ".dockerignore", ROOT / "infra" / "docker" / "Dockerfile.dockerignore"):
+        if ignore.exists():
+            rules = [r.strip() for r in ignore.read_text().splitlines() if r.strip() and not r.startswith("#")]
+            assert not any(r.lstrip("/").split("/")[0] in packages or "templates" in r or r.endswith(".j2")
+                           for r in rules if not r.startswith("!")), f"{ignore.name} excludes package files"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,8 @@ import torch
 from model.config import ModelConfig, SparsityConfig
 from model.gpt import GPT
 from model.sparsity import sparse_tensors
-from pipeline.train import TrainConfig, make_engine, train_step
+from pipeline.config import TrainConfig
+from pipeline.train import make_engine, train_step
 from tests.kernels.conftest import DEVICE
 
 CFG = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=32)

@@ -35,6 +35,12 @@ def test_round_trip_through_saved_yaml(tmp_path):
     assert cfg.data.required_tokens == ["]]\n", '("']
 
 
+def test_several_workers_need_a_sharding_engine():
+    with pytest.raises(ConfigError, match="trial.engine: torch trains in one process; 2 workers need deepspeed"):
+        resolve_config(None, ["trial.workers=2", "trial.engine=torch"])
+    assert resolve_config(None, ["trial.workers=2"]).trial.engine == "auto"
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [

@@ -66,3 +66,29 @@ def test_geometric_mean_of_edges_counts_found_circuits_and_an_empty_one_as_one_e
     assert geometric_mean_edges(records.values()) == pytest.approx(100.0)
     assert geometric_mean_edges(r.summary() for r in records.values()) == pytest.approx(100.0)
     assert geometric_mean_edges([records["c"]]) is None
+
+
+def test_records_written_before_the_typed_records_still_load():
+    # Old files stored nodes, edges and curve points as positional lists; a study started then must resume.
+    old_circuit = """{"task": "t", "target_loss": 0.15, "unpruned_loss": 0.1, "total_nodes": 10, "status": "found",
+     "nodes": [[-1, "embed", 3, 0.5], [1, "final", 3, -0.25]], "edges": 2,
+     "edge_list": [[-1, "embed", 3, 1, "final", 3, 0.75], [1, "final", 3, 2, "logit", 17, -1.5]],
+     "sufficiency_loss": 0.12, "necessity_loss": 2.0, "random_loss": 0.6, "random_edges": 7,
+     "attribution_edges": null, "target_curve": [[0.3, 1, 1], [0.01, null, null]], "seconds": 1.5}"""
+    loaded = CircuitRecord.from_json(old_circuit)
+    assert loaded == circuit() and CircuitRecord.from_json(circuit().to_json()) == loaded
+    assert isinstance(loaded.nodes[0], NodeRecord) and isinstance(loaded.edge_list[0], EdgeRecord)
+    assert isinstance(loaded.target_curve[0], CurvePoint)
+    old_trial = """{"trial": "000", "study": "s", "d_model": 32, "num_layers": 1, "density": 0.25, "params_total": 100,
+     "l0_total": 25.0, "val_loss": 3.0, "residual_kurtosis": 1.5, "task_accuracy_mean": 0.5,
+     "circuit_edges_geomean": 2.0, "circuits_found": 1, "circuits_tried": 1, "overlap_nodes_mean": null,
+     "train_seconds": 1.0, "prune_seconds": 2.0,
+     "circuits": {"t": {"status": "found", "edges": 2, "unpruned_loss": 0.1, "target_loss": 0.15,
+                        "sufficiency_loss": 0.12, "necessity_loss": 2.0,
+                        "target_curve": [[0.3, 1, 1], [0.01, null, null]], "nodes": 2}}}"""
+    new = trial({"t": circuit().summary()})
+    new.residual_kurtosis = 1.5  # NaN never equals itself
+    loaded_trial = TrialRecord.from_json(old_trial)
+    assert loaded_trial == new and TrialRecord.from_json(new.to_json()) == loaded_trial
+    assert isinstance(loaded_trial.circuits["t"], CircuitSummary)
+    assert isinstance(loaded_trial.circuits["t"].target_curve[0], CurvePoint)

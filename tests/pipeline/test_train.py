@@ -5,10 +5,10 @@ from kernels.optimizer import normalize_grad_rms_
 from model.config import ModelConfig, SparsityConfig
 from model.gpt import GPT
 from model.sparsity import keep_count, sparse_tensors
-from pipeline.config import resolve_config
+from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import ConfigError
 from pipeline.evaluate import lm_loss
-from pipeline.train import TrainConfig, build_optimizer, make_engine, schedule_at, train_step
+from pipeline.train import build_optimizer, make_engine, schedule_at, train_step
 
 MODEL = ModelConfig(d_model=64, num_layers=2, d_head=16, context_length=16)
 VOCAB = 64

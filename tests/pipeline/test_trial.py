@@ -3,6 +3,7 @@ fallback, run statuses in MLflow, and the exports."""
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,8 +134,6 @@ def test_nan_in_a_spawned_worker_fails_the_run_with_the_workers_own_exception(da
 def _drop_the_last_checkpoint(run_dir: Path) -> None:
     """Make a finished run look killed after its first checkpoint: the newest checkpoint and everything
     written after it go, so a rerun resumes from the one before."""
-    import shutil
-
     shutil.rmtree(list_checkpoints(run_dir / "checkpoints")[-1])
     shutil.rmtree(run_dir / "export")
     for name in ("trial.json", "final_metrics.json"):
@@ -201,6 +200,9 @@ def test_metrics_and_exports(dataset_cache, tmp_path):
     assert {"val_loss", "l0_total", "dead_neurons", "residual_kurtosis"} <= set(lines[-1])
     run = mlflow_run(result.run_dir)
     assert run.info.status == "FINISHED" and run.data.params["model.d_model"] == "64"
+    again = run_trial(cfg, progress=False, log=lambda _: None)  # a finished trial of this config: not rerun
+    assert again.reused and not result.reused and again.final == result.final
+    assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == len(lines)
     assert math.isfinite(run.data.metrics["residual_kurtosis"])
     accuracies = [v for k, v in run.data.metrics.items() if k.startswith("task/") and k.endswith("/accuracy")]
     assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)  # per-task scores of the unpruned model
