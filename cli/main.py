@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from infra.tracking import tracked_run
 from pipeline.circuits import prune_run, require_trained
 from pipeline.config import ExperimentConfig, config_to_yaml, resolve_config
 from pipeline.data import DataResult, build_data
 from pipeline.errors import ConfigError, UserError
+from pipeline.tasks import TASKS, check_task
 from pipeline.train import NonFiniteLoss
 from pipeline.trial import run_trial
 
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="build (or reuse) the tokenized corpus: BPE + token shards")
     _common(data)
     data.set_defaults(run=run_data)
+    tasks = verbs.add_parser("tasks", help="check the task suite's generators under the corpus's tokenizer")
+    _common(tasks)
+    tasks.add_argument("--pairs", type=int, default=256, help="pairs drawn per task and split (default 256)")
+    tasks.set_defaults(run=run_tasks)
     train = verbs.add_parser("train", help="train one model (resuming from its last checkpoint) and export it")
     _common(train)
     train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -96,6 +102,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def run_data(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     result = build_data(cfg.data, config_yaml=config_to_yaml(cfg), progress=not args.no_progress)
     print(describe_data(result))
+    return 0
+
+
+def run_tasks(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """One row per task (prune.tasks, or the whole suite), then a JSON line of the figures."""
+    if args.pairs < 1:
+        raise UserError(f"tasks: --pairs must be a positive integer, got {args.pairs}")
+    tokenizer = build_data(cfg.data, progress=not args.no_progress).dataset.tokenizer()
+    names = list(cfg.prune.tasks) or list(TASKS)
+    checks = [check_task(TASKS[name], tokenizer, pairs=args.pairs, seed=cfg.train.seed)
+              for name in tqdm(names, desc="checking tasks", disable=args.no_progress)]
+    print(f"{'task':28s} {'train':>6s} {'test':>6s} {'shared':>6s} {'same last':>9s} {'direct':>6s}  candidates"
+          f"   ({args.pairs} pairs per split; distinct prompts)")
+    for c in checks:
+        print(f"{c.name:28s} {c.distinct_train:6d} {c.distinct_test:6d} {c.overlap:6d} {c.same_last_token:9.2f} "
+              f"{'yes' if c.direct_path else 'no':>6s}  {c.candidates}")
+    print(json.dumps({"tasks": {c.name: {"distinct_train": c.distinct_train, "distinct_test": c.distinct_test,
+                                         "overlap": c.overlap, "same_last_token": c.same_last_token,
+                                         "direct_path": c.direct_path} for c in checks}}))
     return 0
 
 

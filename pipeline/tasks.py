@@ -46,6 +46,7 @@ class Task:
     name: str
     description: str
     generate: Callable[[random.Random, "Vocab"], TaskPair]
+    direct_path: bool = False  # solvable from the last token alone by nature (METHOD.md 8): never in a ratio
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,10 @@ def while_return_true(rng, v):
     return TaskPair((f"{pad}while True", f"{pad}return True"), (":\n", "\n"))
 
 
+DIRECT_PATH = {"else_elif"}  # the pair's last tokens differ by the task's nature (METHOD.md 8)
+
 TASKS: dict[str, Task] = {
-    fn.__name__: Task(fn.__name__, (fn.__doc__ or "").strip(), fn)
+    fn.__name__: Task(fn.__name__, (fn.__doc__ or "").strip(), fn, direct_path=fn.__name__ in DIRECT_PATH)
     for fn in (single_double_quote, final_kwarg, set_or_string, set_or_string_fixedvarname, class_init, with_as,
                bracket_brace, with_open, bracket_counting, for_while, else_elif, fstring_brace, if_ternary,
                var_swap, indent_for, lambda_func, if_equals, enumerate_range, var_if, while_return_true)
@@ -322,3 +325,45 @@ def pad_prompts(prompts: list[list[int]], context_length: int, fill: int) -> tup
     for i, p in enumerate(cut):
         batch[i, : len(p)] = torch.tensor(p)
     return batch, [len(p) for p in cut]
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """What `circuitscale tasks` reports of one task's generator under one tokenizer (issue: honest tasks).
+
+    distinct_train / distinct_test: distinct prompts among the sequences drawn for each split;
+    overlap: distinct test prompts that also occur among the train prompts (held-out is not held out);
+    same_last_token: fraction of pairs whose two prompts end in the same token (the paper's design: the
+    cue is earlier in the prompt, so the last token alone cannot tell the answer);
+    candidates: "ok", or the TaskError message when the candidates are not single natural tokens at the
+    end of the prompt (a check at the end of the string only, not inside a realistic continuation).
+    """
+
+    name: str
+    distinct_train: int
+    distinct_test: int
+    overlap: int
+    same_last_token: float
+    direct_path: bool
+    candidates: str
+
+
+def check_task(task: Task, tokenizer: Tokenizer, *, pairs: int, seed: int = 0) -> TaskCheck:
+    """Draw `pairs` pairs of each split the way `encode_task` does and measure the generator's rules."""
+    prompts: dict[str, list[str]] = {}
+    same = []
+    for split in ("train", "test"):
+        rng, vocab = random.Random(f"{task.name}/{split}/{seed}"), split_vocab(split)
+        drawn = [task.generate(rng, vocab) for _ in range(pairs)]
+        prompts[split] = [p for pair in drawn for p in pair.prompts]
+        for pair in drawn:
+            ends = [tokenizer.encode(p, add_special_tokens=False).ids[-1:] for p in pair.prompts]
+            same.append(ends[0] == ends[1])
+    try:
+        encode_task(task, tokenizer, split="train", pairs=pairs, seed=seed)
+        candidates = "ok"
+    except TaskError as err:
+        candidates = str(err)
+    train, test = set(prompts["train"]), set(prompts["test"])
+    return TaskCheck(name=task.name, distinct_train=len(train), distinct_test=len(test), overlap=len(test & train),
+                     same_last_token=sum(same) / len(same), direct_path=task.direct_path, candidates=candidates)

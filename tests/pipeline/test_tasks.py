@@ -1,15 +1,28 @@
 import difflib
+import json
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cli.main import main
 from model.config import ModelConfig
 from model.gpt import GPT
 from pipeline.config import resolve_config
 from pipeline.errors import ConfigError
-from pipeline.tasks import NAMES, TASKS, TaskError, encode_suite, encode_task, split_vocab, task_scores
+from pipeline.tasks import (
+    NAMES,
+    TASKS,
+    Task,
+    TaskError,
+    TaskPair,
+    check_task,
+    encode_suite,
+    encode_task,
+    split_vocab,
+    task_scores,
+)
 
 METHOD_TASKS = ["single_double_quote", "final_kwarg", "set_or_string", "set_or_string_fixedvarname", "class_init",
                 "with_as", "bracket_brace", "with_open", "bracket_counting", "for_while", "else_elif",
@@ -90,3 +103,40 @@ def test_scores_are_binary_cross_entropy_at_the_last_position(small_dataset):
             hits.append(float(logits[good] > logits[bad]))
     assert scores["loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
     assert scores["accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+
+def _constant(rng, v):
+    """the same pair every draw, whose prompts end in different tokens"""
+    return TaskPair(("x = 1\nif x", "x = 1\nwhile"), (" ==", " True"))
+
+
+def _varied(rng, v):
+    """a fresh name from the split's half every draw, both prompts ending in the same token"""
+    x = rng.choice(v.names)
+    return TaskPair((f"if {x}", f"for {x}"), (":", " in"))
+
+
+def test_task_check_measures_the_generator_rules(small_dataset):
+    tokenizer = small_dataset.dataset.tokenizer()
+    constant = check_task(Task("constant", "", _constant), tokenizer, pairs=16)
+    assert (constant.distinct_train, constant.distinct_test, constant.overlap) == (2, 2, 2)  # test = train
+    assert constant.same_last_token == 0.0 and not constant.direct_path
+    varied = check_task(Task("varied", "", _varied, direct_path=True), tokenizer, pairs=64)
+    half = len(split_vocab("train").names)
+    assert varied.distinct_train == 2 * half and varied.overlap == 0  # the splits draw from disjoint names
+    assert varied.same_last_token == 1.0 and varied.direct_path
+    assert check_task(TASKS["enumerate_range"], tokenizer, pairs=8).candidates.startswith("task enumerate_range")
+    assert TASKS["else_elif"].direct_path and not TASKS["for_while"].direct_path
+
+
+def test_tasks_verb_prints_a_row_per_task_and_a_json_line(small_corpus, tmp_path, capsys):
+    args = [f"data.sources=[{small_corpus}]", f"data.cache_dir={tmp_path}", "data.vocab_size=512",
+            "data.val_fraction=0.2", "prune.tasks=[while_return_true, for_while]"]
+    assert main(["tasks", "--no-progress", "--pairs", "32", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("while_return_true") and lines[2].startswith("for_while")
+    figures = json.loads(lines[-1])["tasks"]
+    assert list(figures) == ["while_return_true", "for_while"]
+    assert figures["while_return_true"] == {"distinct_train": 2, "distinct_test": 2, "overlap": 2,
+                                            "same_last_token": 1.0, "direct_path": False}
+    assert main(["tasks", "--pairs", "0", *args]) == 2
