@@ -50,12 +50,21 @@ def init_process_group(backend: str = "auto") -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def collective_device() -> torch.device:
+    """Where the default group's collectives take their tensors: this rank's GPU under NCCL (a CPU tensor
+    raises "No backend type associated with device type cpu"), the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(value: float) -> float:
+    """The mean of `value` over the ranks (every rank calls it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor) / dist.get_world_size()
+    return float(tensor.cpu()) / dist.get_world_size()
 
 
 def spawn(fn: Callable[..., None], workers: int, *args) -> None:
