@@ -18,6 +18,14 @@ class DeepSpeedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on CPU
 
 
+def check_deepspeed_config(cfg: DeepSpeedConfig) -> None:
+    if cfg.precision == "bf16" and cfg.zero_stage == 0:
+        # DeepSpeed then wraps the optimizer in its FP16_UnfusedOptimizer, whose fp32 master copies neither
+        # our optimizer's projection nor safe_get_full_fp32_param reaches: the model would train dense
+        raise ValueError("deepspeed.precision: bf16 needs deepspeed.zero_stage >= 1 (at stage 0 DeepSpeed keeps "
+                         "an fp32 master copy the top-k projection cannot reach, so the model would stay dense)")
+
+
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 

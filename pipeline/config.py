@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from infra.engine import DeepSpeedConfig
+from infra.engine_base import check_deepspeed_config
 from infra.tracking import TrackingConfig, check_tracking_config
 from model.config import (
     ModelConfig,
@@ -134,6 +135,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         (check_trial_config, cfg.trial),
         (check_prune_config, cfg.prune),
         (check_tracking_config, cfg.tracking),
+        (check_deepspeed_config, cfg.deepspeed),
     ]
     try:
         for check, section in checks:
