@@ -152,15 +152,16 @@ def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     run_dir = Path(args.run_dir)
+    require_trained(run_dir)  # first: a folder without a model leaves its run as it was
+    dataset = build_data(cfg.data, progress=False).dataset
     search = None
     if cfg.prune.search_runs > 1:  # a Ray Tune search over the pruning settings (sweeps/prune_search.py)
         from sweeps.prune_search import search_prune  # on use: see the imports
 
         def search(task: str):
-            return search_prune(run_dir, cfg, task, cfg.prune.search_runs, storage=run_dir / "prune_search").best
+            return search_prune(run_dir, cfg, task, cfg.prune.search_runs, storage=run_dir / "prune_search",
+                                data=dataset.folder).best
 
-    require_trained(run_dir)  # before the run is opened: a folder without a model leaves its run as it was
-    dataset = build_data(cfg.data, progress=False).dataset
     with tracked_run(cfg.tracking, run_dir) as tracker:  # the run's own MLflow run, continued
         result = prune_run(run_dir, cfg, dataset, tracker, device=device, progress=not args.no_progress,
                            search=search)

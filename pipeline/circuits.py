@@ -101,7 +101,7 @@ def viewer_batches(cfg: ExperimentConfig, dataset: Dataset) -> list[torch.Tensor
 def write_viewer(path: Path, record: CircuitRecord, model, tokenizer, task: EncodedTask,
                  data_batches: list[torch.Tensor], *, model_name: str, device: str = "cpu") -> None:
     """The circuit's HTML page (pipeline/viewer.py), with examples from the task and from pretraining data."""
-    nodes = [(n.layer, n.kind, n.index) for n in record.nodes]
+    nodes = [n.key for n in record.nodes]
     prompts = padded(task.prompts, model.cfg.context_length)
     task_examples = node_examples(model, tokenizer, nodes, prompts, device=device)
     data_examples = node_examples(model, tokenizer, nodes, data_batches, device=device)

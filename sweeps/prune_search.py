@@ -15,7 +15,7 @@ from ray import tune
 
 from pipeline.circuits import load_for_pruning
 from pipeline.config import ExperimentConfig
-from pipeline.data import build_data
+from pipeline.data import Dataset
 from pipeline.prune import prune_task
 from pipeline.records import CircuitRecord
 from pipeline.tasks import TASKS, encode_task
@@ -42,7 +42,7 @@ def search_space(cfg: ExperimentConfig) -> dict:
 def _trial(config: dict) -> None:
     cfg = config["cfg"]
     prune_cfg = replace(cfg.prune, **{k: config[k] for k in SEARCHED})
-    dataset = build_data(cfg.data, progress=False).dataset
+    dataset = Dataset.open(config["data"])  # built by the caller: a search trial only opens it
     model, tokenizer, means = load_for_pruning(Path(config["run_dir"]), cfg, dataset)
     task = TASKS[config["task"]]
     train = encode_task(task, tokenizer, split="train", pairs=prune_cfg.pairs, seed=cfg.train.seed)
@@ -54,13 +54,15 @@ def _trial(config: dict) -> None:
     tune.report({"edges": float(record.edges) if found else math.inf, "found": found})
 
 
-def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *, storage: Path) -> SearchResult:
+def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *, storage: Path,
+                 data: Path) -> SearchResult:
     """Run `budget` pruning trials for `task` on the trained model in `run_dir` (a local Ray by
     default, the cluster when RAY_ADDRESS is set)."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV per trial
     init_ray(verbose=0)
     centres = {key: getattr(cfg.prune, key) for key in SEARCHED}
-    space = search_space(cfg) | {"cfg": cfg, "run_dir": str(run_dir.resolve()), "task": task}
+    space = search_space(cfg) | {"cfg": cfg, "run_dir": str(run_dir.resolve()), "task": task,
+                                 "data": str(Path(data).resolve())}
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"cpu": 1}),
         param_space=space,

@@ -20,7 +20,8 @@ def test_search_keeps_the_smallest_circuit_and_starts_at_the_centres(small_datas
     run_trial(cfg, progress=False, log=lambda _: None)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = search_prune(tmp_path / "run", cfg, "if_equals", budget=3, storage=tmp_path / "tune")
+        result = search_prune(tmp_path / "run", cfg, "if_equals", budget=3, storage=tmp_path / "tune",
+                              data=small_dataset.dataset.folder)
     finally:
         ray.shutdown()
     assert len(result.trials) == 3
