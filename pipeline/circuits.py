@@ -115,6 +115,8 @@ def circuit_metrics(record: CircuitRecord) -> dict[str, float]:
     """A circuit's figures as MLflow metrics, `circuit/<task>/<figure>`."""
     prefix = f"circuit/{record.task}"
     metrics = {f"{prefix}/unpruned_loss": record.unpruned_loss, f"{prefix}/seconds": record.seconds}
+    if record.empty_loss is not None:
+        metrics[f"{prefix}/empty_loss"] = record.empty_loss
     if record.status == "found":
         metrics |= {f"{prefix}/nodes": float(len(record.nodes)), f"{prefix}/edges": float(record.edges),
                     f"{prefix}/sufficiency_loss": record.sufficiency_loss,

@@ -1,11 +1,15 @@
 """The pruning stage: learned node masks to minimal task circuits (METHOD.md section 4).
 
-Per task: node means over pretraining data; masks (one tau per node; hard step forward, sigmoid
-surrogate backward) trained on task cross-entropy + k_coef x kept nodes; nodes ranked by tau and k
-bisected to the smallest circuit whose calibrated loss reaches the target; then validation on held-out
-pairs (sufficiency, necessity, a random circuit of the same size, the attribution baseline) and edges
-counted on the node graph. The defaults are the paper's search centres; `prune.search_runs` > 1
-searches around them with Ray Tune (sweeps/prune_search.py). Viewer pages: pipeline/viewer.py.
+Per task: node means over pretraining data; first the empty circuit (every node mean-ablated, the
+bigram table alone): a task it solves after calibration is `direct` and has no circuit to find; else
+masks (one tau per node; hard step forward, sigmoid surrogate backward) trained on task cross-entropy
+(the pair's two sequences summed, the released code's scale for k_coef) + k_coef x kept nodes; nodes
+ranked by tau and k bisected (uncalibrated, as the replication does) to the smallest circuit whose train
+loss reaches the target; then validation on held-out pairs (sufficiency, necessity, a random circuit of
+the same size, the attribution baseline) and edges counted on the node graph. Every calibration (a
+logit scale) is fit on the train pairs and applied unchanged to the held-out pairs. The defaults are
+the paper's search centres; `prune.search_runs` > 1 searches around them with Ray Tune
+(sweeps/prune_search.py). Viewer pages: pipeline/viewer.py.
 """
 
 import time
@@ -159,12 +163,16 @@ def gates_from_kept(kept: KeptNodes) -> dict[Location, torch.Tensor]:
 
 # --- losses -------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Calibration:
-    """Scale of the logits and a bias per candidate token, fit to a discretized circuit (METHOD.md 4)."""
+    """A scale of the final logits, fit to a discretized circuit on the train pairs (METHOD.md 4) and then
+    applied unchanged to held-out pairs. (The paper fits a scale and shift of the logits; a shift common to
+    every logit cancels in the softmax over the two candidates, so the scale is what remains.)"""
 
-    scale: torch.Tensor
-    bias: dict[int, torch.Tensor]
+    scale: float
+
+    def apply(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.scale * pair
 
 
 def pair_logits(model: GPT, task: EncodedTask, rows: torch.Tensor, gates, means, pad_id: int, device
@@ -176,25 +184,20 @@ def pair_logits(model: GPT, task: EncodedTask, rows: torch.Tensor, gates, means,
     return logits.gather(1, task.candidates[rows].to(device))
 
 
-def calibrated_loss(pair: torch.Tensor, candidates: torch.Tensor, steps: int = 16) -> tuple[float, Calibration]:
-    """Fit a logit scale and per-token shift with LBFGS (16 steps), return the loss after it."""
-    tokens = sorted(set(candidates.flatten().tolist()))
+def fit_scale(pair: torch.Tensor, steps: int = 16) -> Calibration:
+    """The logit scale minimising the mean task loss of `pair` (sequences, 2), 16 LBFGS steps."""
     scale = torch.ones((), requires_grad=True)
-    shift = torch.zeros(len(tokens), requires_grad=True)
-    column = torch.tensor([[tokens.index(t) for t in row] for row in candidates.tolist()])
     pair = pair.detach().float().cpu()
-    optimizer = torch.optim.LBFGS([scale, shift], max_iter=steps, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([scale], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = pair_loss(scale * pair + shift[column]).mean()
+        loss = pair_loss(scale * pair).mean()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    with torch.no_grad():
-        loss = pair_loss(scale * pair + shift[column]).mean().item()
-    return loss, Calibration(scale.detach(), {t: shift[i].detach() for i, t in enumerate(tokens)})
+    return Calibration(float(scale.detach()))
 
 
 # --- learning and discretizing ------------------------------------------------------------------------
@@ -209,11 +212,13 @@ def learn_masks(model: GPT, task: EncodedTask, means, cfg: PruneConfig, *, pad_i
     warmup = max(1, int(cfg.warmup_frac * cfg.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup))))
-    sequences = len(task.prompts)
+    pairs = len(task.prompts) // 2  # sequences 2i and 2i + 1 are pair i's two prompts
     for _ in tqdm(range(cfg.steps), desc=f"masks {task.name}", disable=not progress, leave=False):
-        rows = torch.randint(0, sequences, (min(2 * cfg.batch_pairs, sequences),), generator=generator)
+        chosen = torch.randint(0, pairs, (min(cfg.batch_pairs, pairs),), generator=generator)
+        rows = torch.stack([2 * chosen, 2 * chosen + 1], dim=1).flatten()
         pair = pair_logits(model, task, rows, mask.gates(), means, pad_id, device)
-        loss = pair_loss(pair).mean() + cfg.k_coef * mask.kept()
+        # the released code's scale, which k_coef's search centre assumes: the pair's two sequences summed
+        loss = pair_loss(pair).view(-1, 2).sum(dim=1).mean() + cfg.k_coef * mask.kept()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(mask.parameters(), 1.0)
@@ -229,18 +234,35 @@ def kept_top(model: GPT, ranking: list[tuple[Location, int]], k: int) -> KeptNod
 
 
 @torch.no_grad()
-def circuit_loss(model, task, kept: KeptNodes, means, pad_id, device, *, calibrate: bool = True) -> float:
-    rows = torch.arange(len(task.prompts))
-    pair = pair_logits(model, task, rows, gates_from_kept(kept), means, pad_id, device)
-    if not calibrate:
-        return pair_loss(pair).mean().item()
-    return calibrated_loss(pair, task.candidates)[0]
+def circuit_logits(model, task, kept: KeptNodes, means, pad_id, device) -> torch.Tensor:
+    """(sequences, 2) candidate logits of every sequence of `task` with only `kept` nodes (the rest
+    mean-ablated)."""
+    return pair_logits(model, task, torch.arange(len(task.prompts)), gates_from_kept(kept), means, pad_id, device)
+
+
+def circuit_loss(model, task, kept: KeptNodes, means, pad_id, device, *, calibration: Calibration | None = None
+                 ) -> float:
+    """Mean task loss of the circuit `kept` on `task`; with `calibration` (fit elsewhere) applied."""
+    pair = circuit_logits(model, task, kept, means, pad_id, device).float().cpu()
+    return pair_loss(calibration.apply(pair) if calibration else pair).mean().item()
+
+
+def fit_calibration(model, task, kept: KeptNodes, means, pad_id, device) -> Calibration:
+    """The circuit's logit scale, fit on `task` (the train pairs): apply it unchanged to held-out pairs."""
+    return fit_scale(circuit_logits(model, task, kept, means, pad_id, device))
+
+
+def calibrated_test_loss(model, train, test, kept: KeptNodes, means, pad_id, device) -> float:
+    """Held-out loss of a circuit under the calibration fit on the train pairs (no leakage)."""
+    calibration = fit_calibration(model, train, kept, means, pad_id, device)
+    return circuit_loss(model, test, kept, means, pad_id, device, calibration=calibration)
 
 
 def bisect_k(model, task, ranking, means, target: float, pad_id, device, full_loss: float | None = None
              ) -> tuple[int, float] | None:
-    """Smallest k (nodes kept in ranking order) whose calibrated task loss reaches `target`; None when
-    even the whole model does not reach it (reported, never forced)."""
+    """Smallest k (nodes kept in ranking order) whose task loss on `task` reaches `target`; None when even
+    the whole model does not reach it (reported, never forced). Uncalibrated, as in the replication's code
+    (jacobcd52/sparse_pretrain_public): the calibration is fit once, after the bisection."""
     lo, hi = 0, len(ranking)
     best = full_loss if full_loss is not None else circuit_loss(model, task, kept_top(model, ranking, hi), means,
                                                                 pad_id, device)
@@ -258,16 +280,22 @@ def bisect_k(model, task, ranking, means, target: float, pad_id, device, full_lo
 
 def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: PruneConfig, *, pad_id: int,
                device="cpu", seed: int = 0, progress: bool = False) -> CircuitRecord:
-    """Learn masks on the task's train pairs, bisect k to the target, and validate on held-out pairs."""
+    """Check the empty circuit, learn masks on the task's train pairs, bisect k to the target, and
+    validate on held-out pairs (every calibration fit on the train pairs, applied unchanged to them)."""
     start = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(False)
-    unpruned = circuit_loss(model, test, all_kept(model), means, pad_id, device, calibrate=False)
+    unpruned = circuit_loss(model, test, all_kept(model), means, pad_id, device)
     record = CircuitRecord(task=train.name, target_loss=cfg.target_loss, unpruned_loss=unpruned,
                            total_nodes=sum(locations(model).values()))
+    empty = kept_nodes(model, [])
+    record.empty_loss = calibrated_test_loss(model, train, test, empty, means, pad_id, device)
     full = circuit_loss(model, train, all_kept(model), means, pad_id, device)  # every node kept
-    if full > cfg.target_loss:
-        record.status = "unreachable"  # not even the whole (calibrated) model reaches the target
+    if record.empty_loss <= cfg.target_loss:
+        record.status = "direct"  # the bigram table alone (+ calibration) solves it: no circuit to find
+    elif full > cfg.target_loss:
+        record.status = "unreachable"  # not even the whole model reaches the target
+    if record.status != "pending":
         record.seconds = time.perf_counter() - start
         return record
     mask = learn_masks(model, train, means, cfg, pad_id=pad_id, device=device, seed=seed, progress=progress)
@@ -287,9 +315,9 @@ def prune_task(model: GPT, train: EncodedTask, test: EncodedTask, means, cfg: Pr
         record.edge_list = [EdgeRecord(s.layer, s.kind, s.index, t.layer, t.kind, t.index, edge_weight(model, s, t))
                             for s, t in edge_list(model, kept, output_tokens=tokens)]
         record.edges = len(record.edge_list)
-        record.sufficiency_loss = circuit_loss(model, test, kept, means, pad_id, device)
-        record.necessity_loss = circuit_loss(model, test, complement, means, pad_id, device, calibrate=False)
-        record.random_loss = circuit_loss(model, test, random_kept, means, pad_id, device)
+        record.sufficiency_loss = calibrated_test_loss(model, train, test, kept, means, pad_id, device)
+        record.necessity_loss = circuit_loss(model, test, complement, means, pad_id, device)
+        record.random_loss = calibrated_test_loss(model, train, test, random_kept, means, pad_id, device)
         record.random_edges = count_edges(model, random_kept, output_tokens=tokens)
     for target in cfg.curve_targets:  # the same ranking, bisected again: how size grows as the target tightens
         point = bisect_k(model, train, ranking, means, target, pad_id, device, full_loss=full)

@@ -6,6 +6,7 @@ back through `from_dict`; `JsonRecord` gives each one the same save / load / to_
 """
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Literal, Self, TypeVar
 
 import numpy as np
 
-CircuitStatus = Literal["pending", "found", "unreachable"]  # unreachable: the whole model misses the target
+# unreachable: the whole model misses the target; direct: the empty circuit (the bigram table alone,
+# calibrated) already reaches it, so the task says nothing about circuits in this model
+CircuitStatus = Literal["pending", "found", "unreachable", "direct"]
 NodeKey = tuple[int, str, int]  # (layer, kind, index): model/graph.py's node address
 T = TypeVar("T")
 
@@ -104,6 +107,11 @@ class CircuitSummary(JsonRecord):
     sufficiency_loss: float | None
     necessity_loss: float | None
     target_curve: list[CurvePoint] = field(default_factory=list)
+    empty_loss: float | None = None  # (fields from here on: absent in records written before them)
+    random_loss: float | None = None
+    random_edges: int | None = None
+    attribution_edges: int | None = None
+    test_accuracy: float | None = None  # the whole model's held-out accuracy on the task
 
     @classmethod
     def from_dict(cls, data: dict) -> "CircuitSummary":
@@ -119,9 +127,11 @@ class CircuitRecord(JsonRecord):
     unpruned_loss: float  # held-out task loss of the whole model
     total_nodes: int
     status: CircuitStatus = "pending"
+    empty_loss: float | None = None  # held-out loss of the empty circuit, calibrated on the train pairs
     nodes: list[NodeRecord] = field(default_factory=list)  # by importance
     edges: int = 0  # nonzero weights between kept nodes (model/graph.py)
     edge_list: list[EdgeRecord] = field(default_factory=list)
+    # held-out losses; "calibrated": under the logit scale fit on the train pairs
     sufficiency_loss: float | None = None  # circuit alone, everything else mean-ablated (calibrated)
     necessity_loss: float | None = None  # only the circuit mean-ablated
     random_loss: float | None = None  # a random circuit of the same size (calibrated)
@@ -136,11 +146,13 @@ class CircuitRecord(JsonRecord):
                              "edge_list": _entries(EdgeRecord, data["edge_list"]),
                              "target_curve": _entries(CurvePoint, data["target_curve"])})
 
-    def summary(self) -> CircuitSummary:
+    def summary(self, test_accuracy: float | None = None) -> CircuitSummary:
         return CircuitSummary(status=self.status, nodes=len(self.nodes), edges=self.edges,
                               unpruned_loss=self.unpruned_loss, target_loss=self.target_loss,
                               sufficiency_loss=self.sufficiency_loss, necessity_loss=self.necessity_loss,
-                              target_curve=list(self.target_curve))
+                              target_curve=list(self.target_curve), empty_loss=self.empty_loss,
+                              random_loss=self.random_loss, random_edges=self.random_edges,
+                              attribution_edges=self.attribution_edges, test_accuracy=test_accuracy)
 
 
 TRIAL_FILE = "trial.json"  # a TrialRecord, in each trial's run folder and as its MLflow artifact
@@ -167,10 +179,19 @@ class TrialRecord(JsonRecord):
     train_seconds: float
     prune_seconds: float
     circuits: dict[str, CircuitSummary] = field(default_factory=dict)  # by task
+    seed: int = 0  # train.seed (fields from here on: absent in records written before them)
+    lr: float | None = None  # train.lr, the peak learning rate the trial trained with
+    task_accuracy: dict[str, float] = field(default_factory=dict)  # held-out accuracy of the whole model, by task
 
     @property
     def dense(self) -> bool:
         return self.density >= 1.0
+
+    @property
+    def point(self) -> str:
+        """The study point the trial trained: its name without the seed (sweeps/spec.py's trial_name), what
+        the seeds of one point share."""
+        return re.sub(r"-seed=-?\d+$", "", self.trial)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrialRecord":

@@ -206,6 +206,8 @@ def trial_record(cfg: ExperimentConfig, run_dir: Path, final: dict, records: dic
                  *, vocab_size: int) -> TrialRecord:
     """The trial's record for analysis (pipeline/records.py)."""
     pairs = [v for a, row in overlaps.get("nodes", {}).items() for b, v in row.items() if a < b]
+    accuracy = {k.split("/")[1]: float(v) for k, v in final.items()
+                if k.startswith("task/") and k.endswith("/accuracy")}
     return TrialRecord(
         trial=run_dir.name, study=cfg.tracking.experiment, d_model=cfg.model.d_model, num_layers=cfg.model.num_layers,
         density=cfg.sparsity.density, params_total=param_counts(cfg.model, vocab_size)["total"],
@@ -216,7 +218,8 @@ def trial_record(cfg: ExperimentConfig, run_dir: Path, final: dict, records: dic
         circuits_found=sum(r.status == "found" for r in records.values()), circuits_tried=len(records),
         overlap_nodes_mean=sum(pairs) / len(pairs) if pairs else None,
         train_seconds=float(final.get("train_seconds", 0.0)), prune_seconds=float(final.get("prune_seconds", 0.0)),
-        circuits={name: r.summary() for name, r in records.items()},
+        circuits={name: r.summary(accuracy.get(name)) for name, r in records.items()},
+        seed=cfg.train.seed, lr=cfg.train.lr, task_accuracy=accuracy,
     )
 
 

@@ -10,7 +10,8 @@ gives Q the same head start after X as after Y (it is no node and cannot tell th
 
 Every token also writes a constant on channel ONE, so the norms' outputs depend on the size of the cue
 channel, not only on its sign (a vector with one nonzero channel normalises to +-sqrt(d) there). Neuron 1
-is harmful: it fires on X too and writes against the path. Every other node is irrelevant: attention is
+is harmful: it fires on X too and writes against the path (mildly, so that the whole model still reaches
+the target uncalibrated, as pruning requires). Every other node is irrelevant: attention is
 all zero (q, k, v, attn_out are zero), the other neurons and channels carry nothing the logits read.
 """
 
@@ -42,7 +43,7 @@ def planted_model() -> GPT:
         wte[X, CUE], wte[Y, CUE] = 1.0, -1.0
         mlp = model.transformer["h"][0].mlp
         mlp.c_fc.weight[0, CUE], mlp.c_proj.weight[OUT, 0] = 4.0, 1.0  # the planted neuron
-        mlp.c_fc.weight[1, CUE], mlp.c_proj.weight[OUT, 1] = 4.0, -0.5  # the harmful one
+        mlp.c_fc.weight[1, CUE], mlp.c_proj.weight[OUT, 1] = 4.0, -0.2  # the harmful one
         model.lm_head.weight[P, OUT], model.lm_head.weight[Q, OUT] = 1.9, -1.9
         model.bigram_table[X, Q] = model.bigram_table[Y, Q] = 3.0
     return model.eval()

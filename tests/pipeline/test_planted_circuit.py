@@ -23,9 +23,9 @@ def test_the_planted_path_reaches_the_target_and_needs_every_node(planted):
         rest = [n for n in PLANTED if n != missing]
         loss = circuit_loss(model, task, kept_nodes(model, rest), means, PAD, "cpu")
         assert loss >= math.log(2) - 1e-4, missing
-    with_harm = circuit_loss(model, task, kept_nodes(model, [*PLANTED, HARMFUL]), means, PAD, "cpu", calibrate=False)
-    alone = circuit_loss(model, task, kept_nodes(model, PLANTED), means, PAD, "cpu", calibrate=False)
-    assert with_harm > alone + 0.05  # the harmful neuron hurts where it is kept
+    with_harm = circuit_loss(model, task, kept_nodes(model, [*PLANTED, HARMFUL]), means, PAD, "cpu")
+    alone = circuit_loss(model, task, kept_nodes(model, PLANTED), means, PAD, "cpu")
+    assert with_harm > alone + 0.03  # the harmful neuron hurts where it is kept
 
 
 def test_pruning_finds_exactly_the_planted_nodes(planted):

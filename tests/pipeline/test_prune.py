@@ -3,21 +3,37 @@ import dataclasses
 import pytest
 import torch
 
-from model.graph import all_kept, kept_nodes, locations
+from model.graph import kept_nodes, locations
 from model.hooks import intervene, record
 from pipeline.prune import (
     NodeMask,
     PruneConfig,
     ablation_hooks,
     bisect_k,
+    calibrated_test_loss,
     circuit_loss,
+    fit_calibration,
     kept_top,
     node_means,
     overlap,
+    pair_logits,
     prune_task,
 )
 from pipeline.records import CircuitRecord, NodeRecord
-from tests.pipeline.planted import PAD, PLANTED, TARGET, as_ranking, planted_means, planted_model, planted_task
+from pipeline.tasks import EncodedTask, pair_loss
+from tests.pipeline.planted import (
+    PAD,
+    PLANTED,
+    TARGET,
+    P,
+    Q,
+    X,
+    Y,
+    as_ranking,
+    planted_means,
+    planted_model,
+    planted_task,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,19 +103,16 @@ def test_bisection_finds_the_smallest_circuit_that_reaches_the_target():
 
 
 @pytest.fixture(scope="module")
-def pruned(setup):
-    """A circuit pruned to a target between the whole model's loss and the empty circuit's (so not empty)."""
-    model, means, train, test, pad, _ = setup
-    full = circuit_loss(model, train, all_kept(model), means, pad, "cpu")
-    empty = circuit_loss(model, train, kept_nodes(model, []), means, pad, "cpu")
-    assert empty > full
-    cfg = dataclasses.replace(PruneConfig(), steps=20, target_loss=(full + empty) / 2, batch_pairs=4)
-    return cfg, prune_task(model, train, test, means, cfg, pad_id=pad)
+def pruned():
+    """The planted model (tests/pipeline/planted.py) pruned to its target: a circuit that is not empty."""
+    model = planted_model()
+    means, task = planted_means(model), planted_task()
+    cfg = dataclasses.replace(PruneConfig(), steps=50, target_loss=TARGET, batch_pairs=8)
+    return model, means, task, cfg, prune_task(model, task, planted_task(4), means, cfg, pad_id=PAD)
 
 
-def test_prune_task_records_a_validated_circuit(setup, pruned, tmp_path):
-    model, means, train, test, pad, _ = setup
-    cfg, rec = pruned
+def test_prune_task_records_a_validated_circuit(pruned, tmp_path):
+    model, means, task, cfg, rec = pruned
     assert rec.status == "found" and rec.total_nodes == sum(locations(model).values())
     assert 0 < len(rec.nodes) <= rec.total_nodes and rec.edges == len(rec.edge_list) > 0
     assert all(isinstance(n, NodeRecord) and isinstance(n.mean, float) for n in rec.nodes)  # with its mean
@@ -108,17 +121,54 @@ def test_prune_task_records_a_validated_circuit(setup, pruned, tmp_path):
     for e in rec.edge_list:
         assert e.src in kept and e.weight != 0.0
         assert e.dst_kind == "logit" or e.dst in kept
-    for value in (rec.sufficiency_loss, rec.necessity_loss, rec.random_loss):
+    for value in (rec.sufficiency_loss, rec.necessity_loss, rec.random_loss, rec.empty_loss):
         assert value is not None and value >= 0
     rec.save(tmp_path / "circuit.json")
     assert CircuitRecord.load(tmp_path / "circuit.json") == rec
-    unreachable = prune_task(model, train, test, means, dataclasses.replace(cfg, target_loss=1e-6), pad_id=pad)
+    unreachable = prune_task(model, task, task, means, dataclasses.replace(cfg, target_loss=1e-6), pad_id=PAD)
     assert unreachable.status == "unreachable" and unreachable.nodes == []
 
 
-def test_overlap_compares_the_node_and_edge_sets_of_found_circuits(setup, pruned):
-    model = setup[0]
-    _, rec = pruned
+def test_held_out_losses_use_the_calibration_fit_on_the_train_pairs(pruned):
+    """No leakage: the logit scale is fit on the train pairs and applied unchanged to the held-out ones."""
+    model, means, task, _, rec = pruned
+    kept = kept_nodes(model, [n.key for n in rec.nodes])
+    train_scale = fit_calibration(model, task, kept, means, PAD, "cpu")
+    assert rec.sufficiency_loss == pytest.approx(
+        circuit_loss(model, planted_task(4), kept, means, PAD, "cpu", calibration=train_scale))
+    # a held-out set whose own best scale differs: the train pairs' scale is what it gets
+    skewed = EncodedTask("skewed", task.prompts[:1], task.candidates[:1])  # only the X -> P sequence
+    own = fit_calibration(model, skewed, kept, means, PAD, "cpu")
+    assert own.scale != pytest.approx(train_scale.scale)
+    assert calibrated_test_loss(model, task, skewed, kept, means, PAD, "cpu") == pytest.approx(
+        circuit_loss(model, skewed, kept, means, PAD, "cpu", calibration=train_scale))
+
+
+def test_a_task_the_empty_circuit_solves_is_direct():
+    """With bigram entries that tell X -> P from Y -> Q, the bigram table alone solves the planted task: the
+    empty circuit reaches the target, so the task is `direct` and no masks are learned."""
+    model = planted_model()
+    with torch.no_grad():
+        model.bigram_table[X, P], model.bigram_table[Y, Q] = 6.0, 9.0
+    means = planted_means(model)
+    cfg = dataclasses.replace(PruneConfig(), steps=5, target_loss=TARGET)
+    rec = prune_task(model, planted_task(), planted_task(4), means, cfg, pad_id=PAD)
+    assert rec.status == "direct" and rec.nodes == [] and rec.empty_loss <= TARGET
+    assert rec.summary().status == "direct" and rec.summary().empty_loss == rec.empty_loss
+
+
+def test_mask_training_loss_sums_the_pair(pruned):
+    """The released code's scale for k_coef: the task loss of a batch is the mean over pairs of the pair's
+    two sequences summed (twice the mean per sequence)."""
+    model, means, task, _, _ = pruned
+    gates = {loc: torch.ones(size) for loc, size in locations(model).items()}
+    rows = torch.arange(len(task.prompts))
+    per_sequence = pair_loss(pair_logits(model, task, rows, gates, means, PAD, "cpu"))
+    assert per_sequence.view(-1, 2).sum(1).mean() == pytest.approx(2 * per_sequence.mean().item())
+
+
+def test_overlap_compares_the_node_and_edge_sets_of_found_circuits(pruned):
+    model, _, _, _, rec = pruned
     half = dataclasses.replace(rec, nodes=rec.nodes[: len(rec.nodes) // 2])
     missing = CircuitRecord(task="m", target_loss=0.1, unpruned_loss=1.0, total_nodes=rec.total_nodes,
                             status="unreachable")

@@ -23,7 +23,7 @@ from model.sparsity import sparse_tensors
 from pipeline.circuits import load_for_pruning
 from pipeline.config import resolve_config
 from pipeline.data import build_data
-from pipeline.prune import circuit_loss
+from pipeline.prune import calibrated_test_loss, circuit_loss
 from pipeline.records import CircuitRecord
 from pipeline.tasks import TASKS, encode_task
 from pipeline.tokenizer import eot_id
@@ -222,29 +222,29 @@ def test_prune_verb_on_a_trained_run(dataset_cache, tmp_path, capsys):
     prune = ["prune.tasks=[if_equals, while_return_true]", "prune.steps=5", "prune.pairs=4", "prune.mean_batches=2"]
     cfg = resolve_config(None, tiny(dataset_cache, run_dir, "train.steps=5", *prune))
     run_trial(cfg, progress=False, log=lambda _: None)
-    # a target the whole model reaches and the empty circuit misses, so the circuit cannot be trivial
+    # a model this small and short learns no task: the record says which rule stopped the search, from the same
+    # losses the pruning stage measures (the empty circuit calibrated on the train pairs, the whole model raw)
     model, tokenizer, means = load_for_pruning(run_dir, cfg, build_data(cfg.data, progress=False).dataset)
-    task = encode_task(TASKS["if_equals"], tokenizer, split="train", pairs=4)
-    full = circuit_loss(model, task, all_kept(model), means, eot_id(tokenizer), "cpu")
-    empty = circuit_loss(model, task, kept_nodes(model, []), means, eot_id(tokenizer), "cpu")
-    assert full < empty - 0.01, (full, empty)
-    target = (full + empty) / 2
+    train, test = (encode_task(TASKS["if_equals"], tokenizer, split=s, pairs=4) for s in ("train", "test"))
+    pad = eot_id(tokenizer)
+    full = circuit_loss(model, train, all_kept(model), means, pad, "cpu")
+    empty = calibrated_test_loss(model, train, test, kept_nodes(model, []), means, pad, "cpu")
+    target = 0.5
     code = main(["prune", "--no-progress", str(run_dir), *prune, f"prune.target_loss={target}"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "if_equals" in out and "geometric mean of circuit edges" in out
+    assert "if_equals" in out
     circuits = run_dir / "circuits"
     record = CircuitRecord.load(circuits / "if_equals.json")
-    assert record.status == "found" and record.target_loss == target
-    assert 0 < len(record.nodes) < record.total_nodes
-    assert circuit_loss(model, task, kept_nodes(model, [n.key for n in record.nodes]), means, eot_id(tokenizer),
-                        "cpu") <= target  # the recorded circuit reaches the target it was bisected to
+    expected = "direct" if empty <= target else "unreachable" if full > target else "found"
+    assert record.status == expected and record.target_loss == target, (full, empty)
+    assert record.empty_loss == pytest.approx(empty)
     page = (circuits / "if_equals.html").read_text()
-    assert "<svg" in page and "if_equals circuit" in page  # the viewer page beside the record
+    assert "if_equals circuit" in page and record.status in page  # the viewer page beside the record
     matrix = json.loads((circuits / "overlap.json").read_text())
-    assert matrix["nodes"]["if_equals"]["if_equals"] == 1.0
+    assert list(matrix["nodes"]) == (["if_equals"] if record.status == "found" else [])
     run = mlflow_run(run_dir)
-    assert run.data.metrics["circuit/if_equals/edges"] == record.edges and run.info.status == "FINISHED"
+    assert run.data.metrics["circuit/if_equals/empty_loss"] == pytest.approx(empty) and run.info.status == "FINISHED"
 
 
 def test_prune_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -24,7 +24,8 @@ def circuit(tiny_task_setup):
     nodes = [(-1, "embed", 1), (0, "attn_in", 1), (0, "v", 2), (0, "attn_out", 5), (0, "mlp_in", 5),
              (0, "mlp_neuron", 7), (0, "mlp_out", 9), (1, "final", 9)]
     tokens = sorted(set(test.candidates.flatten().tolist()))
-    rec = dataclasses.replace(rec, nodes=[NodeRecord(*n, 0.0) for n in nodes], edge_list=[
+    rec = dataclasses.replace(rec, status="found", sufficiency_loss=0.125, necessity_loss=0.75, random_loss=0.7,
+                              nodes=[NodeRecord(*n, 0.0) for n in nodes], edge_list=[
         EdgeRecord(s.layer, s.kind, s.index, t.layer, t.kind, t.index, edge_weight(model, s, t))
         for s, t in edge_list(model, kept_nodes(model, nodes), output_tokens=tokens)])
     assert len(rec.edge_list) > len(nodes) and any(e.dst_kind == "logit" for e in rec.edge_list)
@@ -72,9 +73,9 @@ def test_page_draws_every_node_and_edge_and_is_self_contained(circuit):
 
 def test_empty_and_unreachable_circuits_say_why(circuit):
     _, _, rec, _, _ = circuit
-    empty = dataclasses.replace(rec, nodes=[], edge_list=[], edges=0)
-    assert "the direct token path" in render(empty, model_name="m", candidate_tokens={}, task_examples={},
-                                             data_examples={})
+    empty = dataclasses.replace(rec, nodes=[], edge_list=[], edges=0, status="direct", empty_loss=0.01)
+    page = render(empty, model_name="m", candidate_tokens={}, task_examples={}, data_examples={})
+    assert "Direct path: the empty circuit reaches the target" in page and "0.010" in page
     missing = CircuitRecord(task="t", target_loss=0.15, unpruned_loss=1.0, total_nodes=10, status="unreachable")
     assert "does not reach the target" in render(missing, model_name="m", candidate_tokens={}, task_examples={},
                                                 data_examples={})
