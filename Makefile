@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build that lies on this machine's disk; the cluster image installs a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast study lint lock clean
+.PHONY: setup test test-fast study lab lint lock clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ test-fast: lint
 # The main job: the `cpu` study (Ray Tune grid -> trials -> pruning -> MLflow -> report). Run again, it resumes.
 study: setup
 	$(BIN)/circuitscale study sweeps/cpu.yaml
+
+# JupyterLab (the `jupyter` extra) on 127.0.0.1, opening the analysis notebook on the latest study.
+LAB_STAMP := $(VENV)/.installed-jupyter
+$(LAB_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev,jupyter]"
+	touch $(LAB_STAMP)
+
+lab: $(LAB_STAMP)
+	CIRCUITSCALE_STUDY="$$($(BIN)/python -c 'from analysis.load import latest_study; print(latest_study())')" \
+	  && export CIRCUITSCALE_STUDY && echo "study: $$CIRCUITSCALE_STUDY" \
+	  && $(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir="$(CURDIR)" analysis/frontier.ipynb
 
 # Re-pin every dependency (after changing pyproject.toml): torch is installed per platform, so not pinned here.
 lock: setup

@@ -17,7 +17,9 @@ CURVE_POINT = pa.struct([("target", pa.float64()), ("k", pa.int64()), ("edges", 
 CIRCUIT = pa.struct([
     ("task", pa.string()), ("status", pa.string()), ("nodes", pa.int64()), ("edges", pa.int64()),
     ("unpruned_loss", pa.float64()), ("target_loss", pa.float64()), ("sufficiency_loss", pa.float64()),
-    ("necessity_loss", pa.float64()), ("target_curve", pa.list_(CURVE_POINT)),
+    ("necessity_loss", pa.float64()), ("target_curve", pa.list_(CURVE_POINT)), ("empty_loss", pa.float64()),
+    ("random_loss", pa.float64()), ("random_edges", pa.int64()), ("attribution_edges", pa.int64()),
+    ("test_accuracy", pa.float64()),
 ])
 TRIAL = pa.schema([
     ("trial", pa.string()), ("study", pa.string()), ("d_model", pa.int64()), ("num_layers", pa.int64()),
@@ -25,7 +27,8 @@ TRIAL = pa.schema([
     ("val_loss", pa.float64()), ("residual_kurtosis", pa.float64()), ("task_accuracy_mean", pa.float64()),
     ("circuit_edges_geomean", pa.float64()), ("circuits_found", pa.int64()), ("circuits_tried", pa.int64()),
     ("overlap_nodes_mean", pa.float64()), ("train_seconds", pa.float64()), ("prune_seconds", pa.float64()),
-    ("circuits", pa.list_(CIRCUIT)), ("dense", pa.bool_()),
+    ("circuits", pa.list_(CIRCUIT)), ("seed", pa.int64()), ("lr", pa.float64()),
+    ("task_accuracy", pa.map_(pa.string(), pa.float64())), ("dense", pa.bool_()),
 ])
 
 
@@ -35,6 +38,14 @@ def trial_records(study_folder: str | Path) -> list[TrialRecord]:
     if not (folder / "trials").is_dir():
         raise FileNotFoundError(f"{folder} is not a study folder (no trials/ in it); run `circuitscale study` first")
     return [TrialRecord.load(p) for p in sorted((folder / "trials").glob(f"*/{TRIAL_FILE}"))]
+
+
+def latest_study(root: str | Path = "runs/studies") -> Path:
+    """The study folder under `root` whose trials changed last (what `make lab` opens)."""
+    studies = [p for p in Path(root).glob("*") if (p / "trials").is_dir()]
+    if not studies:
+        raise FileNotFoundError(f"no study under {Path(root).resolve()}; run `make study` first")
+    return max(studies, key=lambda p: max([q.stat().st_mtime for q in (p / "trials").iterdir()] + [0.0]))
 
 
 def mlflow_records(tracking_uri: str, experiment: str) -> list[TrialRecord]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from analysis.frontier import TrialPoint
+from analysis.frontier import Ratio, TrialPoint
 from pipeline.records import edge_geomean
 
 # Figures are built with the object API (no pyplot state, no GUI backend): the report saves them, a
@@ -20,9 +20,10 @@ def subplots(ncols: int = 1, figsize=(7, 5)):
     return fig, axes
 
 
-def frontier_figure(trials: list[TrialPoint], front: list[int]):
-    """Pretraining loss vs geometric-mean circuit edges; colour = L0 (nonzero weights), size = total
-    params; dense models as squares; the Pareto front as a line."""
+def frontier_figure(trials: list[TrialPoint], front: list[int], tasks: list[str] | None = None):
+    """Pretraining loss vs geometric-mean circuit edges over the fixed task set `tasks`; colour = L0
+    (nonzero weights), size = total params; dense models as squares; the Pareto front as a line; each
+    point labelled with its coverage (tasks found / tasks in the set)."""
     fig, ax = subplots()
     pts = [p for p in trials if p.edges is not None]
     if pts:
@@ -41,12 +42,36 @@ def frontier_figure(trials: list[TrialPoint], front: list[int]):
         line = [trials[i] for i in front]
         ax.plot([p.record.val_loss for p in line], [p.edges for p in line], "k--", lw=1, label="Pareto front")
         for p in pts:
-            ax.annotate(p.label, (p.record.val_loss, p.edges), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(f"{p.label} s{p.record.seed} {p.found}/{p.tried}", (p.record.val_loss, p.edges), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no trial has a circuit yet", ha="center", transform=ax.transAxes)
-    return _finish(fig, ax, "pretraining validation loss (nats/token)", "capability vs interpretability")
+        ax.text(0.5, 0.5, "no trial has a circuit among the frontier tasks", ha="center", transform=ax.transAxes)
+    title = "capability vs interpretability" + (f" over {len(tasks)} tasks (labels: coverage)" if tasks else "")
+    return _finish(fig, ax, "pretraining validation loss (nats/token)", title)
+
+
+def ratio_figure(task_ratios: dict[str, Ratio], overall: Ratio | None):
+    """Sparse / dense circuit edges at matched loss per task and overall, with bootstrap 95% intervals
+    (log scale; 1 = no difference, left of it the sparse circuits are smaller)."""
+    rows = [(t, r) for t, r in task_ratios.items()] + ([("all tasks", overall)] if overall else [])
+    fig, ax = subplots(figsize=(7, 1.2 + 0.4 * max(len(rows), 1)))
+    if rows:
+        for y, (name, r) in enumerate(rows):
+            low, high = r.ci95 if r.ci95 else (r.value, r.value)
+            ax.plot([low, high], [y, y], "-", color="k" if name == "all tasks" else "tab:blue", lw=2)
+            ax.plot([r.value], [y], "D" if name == "all tasks" else "o", color="k" if name == "all tasks" else
+                    "tab:blue")
+        ax.set_yticks(range(len(rows)), [f"{n} (n={r.n})" for n, r in rows], fontsize=8)
+        ax.axvline(1.0, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no matched sparse/dense circuits", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("sparse / dense circuit edges at matched loss (95% bootstrap interval)")
+    ax.set_title("matched-loss ratios per task")
+    fig.tight_layout()
+    return fig
 
 
 def target_curve_figure(trials: list[TrialPoint]):

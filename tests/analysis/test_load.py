@@ -15,7 +15,10 @@ def test_table_has_one_row_per_trial_and_typed_circuits(study):
     first = table.column("circuits")[1].as_py()[2]  # 001-dense-big, task c
     assert first == {"task": "c", "status": "found", "nodes": 25, "edges": 50, "unpruned_loss": 0.1,
                      "target_loss": 0.15, "sufficiency_loss": 0.1, "necessity_loss": 1.0,
-                     "target_curve": [{"target": 0.3, "k": 5, "edges": 16}]}
+                     "target_curve": [{"target": 0.3, "k": 5, "edges": 16}], "empty_loss": None, "random_loss": None,
+                     "random_edges": None, "attribution_edges": None, "test_accuracy": None}
+    assert table.column("seed").to_pylist() == [0, 0, 0, 0] and table.column("lr").to_pylist() == [0.01] * 4
+    assert table.column("task_accuracy")[0].as_py() == [("a", 0.9), ("b", 0.9), ("c", 0.9)]
     assert to_table([]).num_rows == 0
 
 
@@ -54,3 +57,16 @@ def test_mlflow_records_equal_the_study_folder_records(study, tmp_path):
     assert all(isinstance(r, TrialRecord) for r in from_mlflow)
     with pytest.raises(ValueError, match="no MLflow experiment"):
         mlflow_records(uri, "other")
+
+
+def test_latest_study_is_the_one_whose_trials_changed_last(study, seeded_study, tmp_path):
+    import os
+
+    from analysis.load import latest_study
+
+    os.utime(study / "trials" / "002-sparse", (1e9, 2e9))
+    assert latest_study(tmp_path) == study
+    os.utime(seeded_study / "trials" / "000-d_model=32-density=1.0", (1e9, 3e9))
+    assert latest_study(tmp_path) == seeded_study
+    with pytest.raises(FileNotFoundError, match="run `make study` first"):
+        latest_study(tmp_path / "none")

@@ -6,48 +6,59 @@ from analysis.load import trial_records
 from analysis.report import analyse, write_report
 
 
-def test_analysis_uses_common_tasks_and_matches_losses(study):
+def test_analysis_of_the_plain_study(study):
     a = analyse(trial_records(study))
-    # no task is found by every trial (one trial found none): each trial's own found tasks are used
-    assert a.tasks_basis == "per-trial"
+    assert a.tasks == ["a", "b", "c"] and a.direct == {}  # every trial tried them; none is direct-path
     sparse = next(p for p in a.trials if p.record.trial == "002-sparse")
-    assert sparse.edges == pytest.approx(20.0) and sparse.label == "d64 1/4"  # geometric mean of 10 and 40
+    assert sparse.edges == pytest.approx(20.0) and (sparse.found, sparse.tried) == (2, 3)  # gm of 10 and 40
     assert next(p for p in a.trials if p.record.trial == "003-sparse-nocircuit").edges is None
-    # dense models at losses 3.0 (gm of 1000, 4000, 50) and 4.0 (gm 100, 400): interpolated at 3.5
-    dense_lo = (1000 * 4000 * 50) ** (1 / 3)
-    expected = 20.0 / (dense_lo * 200.0) ** 0.5
-    assert a.ratio == pytest.approx(expected)
+    # per task: sparse loss 3.5 between dense 3.0 and 4.0; task c has one dense circuit only: unmatched
+    assert a.ratio_tasks == ["a", "b"] and len(a.matches) == 2
+    assert a.ratio.value == pytest.approx(10 / (1000 * 100) ** 0.5) and a.ratio.ci95 == (a.ratio.value, a.ratio.value)
     labels = [a.trials[i].record.trial for i in a.front]
-    assert labels == ["001-dense-big", "002-sparse"]  # the small dense model is dominated by the sparse one
+    assert labels == ["001-dense-big", "002-sparse"]
+    assert a.fits["edges_vs_width_at_density"] == {}  # one sparse width with a circuit: nothing to fit
+    assert a.fits["loss_vs_width_at_density"][0.25].n == 2
 
 
-def test_analysis_averages_over_the_tasks_every_trial_found(study):
-    records = [r for r in trial_records(study) if r.trial != "003-sparse-nocircuit"]
-    a = analyse(records)
-    assert a.tasks_basis == "common" and a.tasks == ["a", "b"]
-    assert [p.edges for p in a.trials] == pytest.approx([200.0, 2000.0, 20.0])  # task c sits out
-    fit = a.fits["loss_vs_width_at_density"]
-    assert fit == {}  # one sparse width: nothing to fit
-
-
-def test_report_writes_markdown_html_and_figures(study):
-    report = write_report(study, wall_s=40.0)
-    for name in ("report.md", "report.html", "frontier.png", "frontier.svg", "size_vs_target.png",
+def test_report_writes_markdown_html_figures_and_the_headline(seeded_study):
+    report = write_report(seeded_study, wall_s=40.0)
+    for name in ("report.md", "report.html", "frontier.png", "frontier.svg", "ratios.png", "size_vs_target.png",
                  "task_sizes.svg", "structure.png", "headline.json"):
         assert (report.folder / name).stat().st_size > 0, name
     headline = json.loads((report.folder / "headline.json").read_text())
-    ratio = analyse(trial_records(study)).ratio
-    assert headline == {"trials": 4, "frontier_points": 2, "sparse_dense_edge_ratio": ratio, "wall_s": 40.0,
-                        "trial_work_s": 60.0, "overhead_ratio": pytest.approx(40.0 / 60.0), "tasks_basis": "per-trial",
-                        "tasks": []}
+    a = analyse(trial_records(seeded_study))
+    assert headline["sparse_dense_edge_ratio"] == pytest.approx(a.ratio.value)
+    low, high = headline["sparse_dense_edge_ratio_ci95"]
+    assert low < headline["sparse_dense_edge_ratio"] < high
+    assert headline["ratio_tasks"] == ["a", "b"] and headline["direct_path_tasks"] == ["e", "else_elif"]
+    assert headline["seeds"] == {"000-d_model=32-density=1.0": 1, "001-d_model=64-density=1.0": 1,
+                                 "002-d_model=64-density=0.25": 2, "003-d_model=32-density=0.25": 2}
+    assert headline["tasks"] == ["a", "b"] and headline["coverage"]["003-d_model=32-density=0.25-seed=1"] == [1, 2]
+    assert headline["per_task_ratio"]["a"]["n"] == 3 and headline["necessity_sufficiency_ratio"]["sparse"]["units"] == 4
+    assert (headline["trials"], headline["wall_s"], headline["trial_work_s"]) == (6, 40.0, 90.0)
     md = (report.folder / "report.md").read_text()
-    assert "| 002-sparse | 64 | 0.25 | 64000 | 1.600e+04 | 3.500 | 0.7 | 2/3 | 20 | 12 | 0.1 | 10 | 5 | yes |" in md
-    assert "| c | — | 50 | — | — |" in md  # the per-task table: no circuit shows a dash
+    assert f"sparse / dense circuit edges at matched pretraining loss: {a.ratio.value:.3g} (95% CI" in md
+    assert "else_elif (by nature" in md and "e (the empty circuit reaches the target in 1 of 6 models)" in md
+    assert "| d64 1/4 | 0, 1 | 0.01 | 3.375 ± 0.18 |" in md  # seeds aggregated per point
+    # a match beside the dense circuits it was interpolated from
+    assert ("| a | 002-d_model=64-density=0.25-seed=0 | 3.5 | 10 | 001-d_model=64-density=1.0, 3, 1000 | "
+            "000-d_model=32-density=1.0, 4, 100 | 316 | 0.0316 |") in md
+    assert "| e (direct-path) | 7 | 9 | 2 | direct | unreachable | 3 |" in md
+    assert "No search ran in this study" in md
     html = (report.folder / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<td>002-sparse</td>" in html and "<table>" in html
-    assert "<li>circuit edges are the geometric mean over each trial's own found tasks" in html
-    again = write_report(study)  # `circuitscale report` later: the wall time is remembered
+    assert html.count("data:image/png;base64,") == 5 and "<td>002-d_model=64-density=0.25-seed=0</td>" in html
+    assert "<table>" in html and "<strong>sparse / dense circuit edges" in html
+    again = write_report(seeded_study)  # `circuitscale report` later: the wall time is remembered
     assert again.headline["wall_s"] == 40.0
+
+
+def test_report_shows_the_learning_rate_search(seeded_study):
+    search = {"lrs": [0.01, 0.03], "budget": 0.25, "eta": 2, "points": {"002-d_model=64-density=0.25": {
+        "lr": 0.01, "rungs": [{"steps": 5, "val_loss": {"0.01": 4.1, "0.03": None}, "failed": ["0.03"]}]}}}
+    (seeded_study / "lr_search.json").write_text(json.dumps(search))
+    md = (write_report(seeded_study).folder / "report.md").read_text()
+    assert "| 002-d_model=64-density=0.25 | 0.01 | 5: 0.01 4.1, 0.03 — |" in md
 
 
 def test_report_verb_rewrites_the_report_and_rejects_other_folders(study, tmp_path, capsys):
