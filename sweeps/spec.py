@@ -1,9 +1,13 @@
 """The study spec: a sweep YAML's schema, and its expansion into validated trial configs.
 
 A study names a base experiment config (a YAML path relative to the study file), dotlist overrides
-applied to every trial, a grid of dotted keys whose cross product gives the trials, and extra points
-(dense baselines, say). Every trial's config is resolved and validated before any compute, so a bad
-grid value fails at once with the trial and key it belongs to.
+applied to every trial, a grid of dotted keys whose cross product gives the points, and extra points
+(dense baselines, say). Each point is trained with `seeds` seeds (train.seed + 0, 1, ...; a point may
+set its own `seeds`), one trial per (point, seed). Every trial's config is resolved and validated
+before any compute, so a bad grid value fails at once with the trial and key it belongs to.
+
+`lr_search` (optional) chooses each point's learning rate before the trials (sweeps/lr_search.py):
+successive halving over `lrs` at a fraction of the training budget.
 """
 
 import itertools
@@ -21,12 +25,23 @@ from pipeline.errors import ConfigError
 
 
 @dataclass(kw_only=True, frozen=True)
+class LrSearchConfig:
+    """Successive halving over a log grid of learning rates, per point (sweeps/lr_search.py)."""
+
+    lrs: list[float] = field(default_factory=list)  # empty: no search, every trial trains at train.lr
+    budget: float = 0.25  # the first rung trains every LR for this fraction of train.steps
+    eta: int = 2  # each rung keeps the best 1/eta of the LRs (by validation loss) and trains them eta x longer
+
+
+@dataclass(kw_only=True, frozen=True)
 class StudyConfig:
     name: str
     base: str | None = None  # experiment YAML, relative to the study file
     overrides: list[str] = field(default_factory=list)  # dotlist applied to every trial
     grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key -> values (cross product)
-    points: list[dict[str, Any]] = field(default_factory=list)  # extra trials: dotted key -> value
+    points: list[dict[str, Any]] = field(default_factory=list)  # extra points: dotted key -> value (and `seeds`)
+    seeds: int = 1  # trials per point: train.seed + 0 .. seeds - 1
+    lr_search: LrSearchConfig = field(default_factory=LrSearchConfig)
     max_concurrent_trials: int = 1
     workers: int = 1  # Ray Train workers per trial (DeepSpeed data parallel when > 1)
     cpus_per_worker: float = 1.0
@@ -41,8 +56,9 @@ class StudyConfig:
 @dataclass(frozen=True)
 class TrialSpec:
     name: str
-    point: dict[str, Any]
+    point: dict[str, Any]  # the point's dotted keys (without the seed)
     config: ExperimentConfig
+    point_name: str = ""  # the trial's name without its seed: what the seeds of one point share
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, list[TrialSpec]]:
@@ -73,22 +89,40 @@ def expand_trials(study: StudyConfig, base: Path | None, overrides: list[str]) -
               ] if keys else []  # (the product of no lists is one empty point: not a trial)
     points += [dict(p) for p in study.points]
     trials, names = [], set()
-    for index, point in enumerate(points):
-        name = trial_name(index, point)
-        try:
-            config = resolve_config(base, overrides, point=point)
-        except ConfigError as err:
-            raise ConfigError(f"study {study.name!r}, trial {name}: {err}") from None
-        assert name not in names
-        names.add(name)
-        trials.append(TrialSpec(name=name, point=point, config=config))
+    for index, raw in enumerate(points):
+        point = {k: v for k, v in raw.items() if k != "seeds"}
+        seeds = raw.get("seeds", study.seeds)
+        if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+            raise ConfigError(f"study {study.name!r}, point {trial_name(index, point)}: seeds: must be a positive "
+                              f"integer, got {seeds!r}")
+        named = study_seeds(study)
+        for offset in range(seeds):
+            name = trial_name(index, point)
+            try:
+                config = resolve_config(base, overrides, point=point)
+                if seeds > 1:  # train.seed (the base's, an override's or the point's) + 0, 1, ...
+                    seed = config.train.seed + offset
+                    config = resolve_config(base, overrides, point=point | {"train.seed": seed})
+                if named:
+                    name = trial_name(index, point, config.train.seed)
+            except ConfigError as err:
+                raise ConfigError(f"study {study.name!r}, trial {name}: {err}") from None
+            assert name not in names
+            names.add(name)
+            trials.append(TrialSpec(name=name, point=point, config=config, point_name=trial_name(index, point)))
     return trials
 
 
-def trial_name(index: int, point: Mapping[str, Any]) -> str:
-    """`003-d_model=128-density=0.0625`: sortable, readable, unique by its index."""
+def study_seeds(study: StudyConfig) -> bool:
+    """Whether trial names carry their seed: when any point trains more than one."""
+    return study.seeds > 1 or any(p.get("seeds", 1) > 1 for p in study.points if isinstance(p.get("seeds", 1), int))
+
+
+def trial_name(index: int, point: Mapping[str, Any], seed: int | None = None) -> str:
+    """`003-d_model=128-density=0.0625` (`-seed=1` appended when the study has seeds): sortable, readable,
+    unique by its index and seed."""
     parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items()]
-    return "-".join([f"{index:03d}", *parts])
+    return "-".join([f"{index:03d}", *parts, *([f"seed={seed}"] if seed is not None else [])])
 
 
 def _check_study(study: StudyConfig, path: Path) -> None:
@@ -106,5 +140,13 @@ def _check_study(study: StudyConfig, path: Path) -> None:
     if study.tracking_uri is not None and "://" not in study.tracking_uri:
         raise ConfigError(f"{path}: tracking_uri: must be a URI such as http://127.0.0.1:5000, "
                           f"got {study.tracking_uri!r}")
+    if study.seeds < 1:
+        raise ConfigError(f"{path}: seeds: must be a positive integer, got {study.seeds}")
+    search = study.lr_search
+    if any(lr <= 0 for lr in search.lrs) or len(set(search.lrs)) != len(search.lrs):
+        raise ConfigError(f"{path}: lr_search.lrs: must be distinct positive learning rates, got {search.lrs}")
+    if not 0.0 < search.budget <= 1.0 or search.eta < 2:
+        raise ConfigError(f"{path}: lr_search: budget must lie in (0, 1] and eta be >= 2, got "
+                          f"{search.budget} and {search.eta}")
     if study.cpus_per_worker <= 0 or study.gpus_per_worker < 0:
         raise ConfigError(f"{path}: cpus_per_worker must be > 0 and gpus_per_worker >= 0")

@@ -6,7 +6,9 @@ Layout of a study folder (`<storage_path>/<name>/`):
   mlflow.db            the MLflow store when the study names no tracking URI
   mlflow_run.json      the study's parent MLflow run (trials are nested child runs)
   trials/<trial>/      each trial's run folder (checkpoints, export, circuits, metrics)
-  ray/<name>/          Ray Tune's experiment state (what a rerun resumes from)
+  lr_search.json       with `lr_search`: each point's chosen LR and every rung's losses (sweeps/lr_search.py)
+  lr_search/<run>/     the LR candidates' run folders (no pruning; not trials of the frontier)
+  ray/<name>/          Ray Tune's experiment state (what a rerun resumes from; one per LR-search rung)
   report/              report.md, report.html, figures (written by the `report` callable the caller
                        passes: the CLI passes analysis/'s; sweeps/ never imports analysis/)
 
@@ -20,6 +22,7 @@ ones resume from their checkpoints, and each keeps its one MLflow child run.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -40,6 +43,7 @@ from pipeline.data import build_data
 from pipeline.errors import UserError
 from pipeline.records import TRIAL_FILE
 from pipeline.trial import trial_rank
+from sweeps.lr_search import LR_SEARCH_FILE, search_lrs
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
 PLACEMENT = "placement.json"  # in each trial folder: the Ray node its rank 0 ran on
@@ -67,8 +71,9 @@ def trial_configs(study: StudyConfig, trials: list[TrialSpec], folder: Path, uri
     out = {}
     for spec in trials:
         cfg = spec.config
-        tags = {"study": study.name, "trial": spec.name, "d_model": str(cfg.model.d_model),
-                "density": f"{cfg.sparsity.density:g}", "num_layers": str(cfg.model.num_layers)}
+        tags = {"study": study.name, "trial": spec.name, "point": spec.point_name, "d_model": str(cfg.model.d_model),
+                "density": f"{cfg.sparsity.density:g}", "num_layers": str(cfg.model.num_layers),
+                "seed": str(cfg.train.seed), "kind": "trial"}
         tracking = dataclasses.replace(cfg.tracking, uri=uri, experiment=study.name, parent_run_id=parent,
                                        tags=tags)
         train = dataclasses.replace(cfg.train, run_dir=str(folder / "trials" / spec.name))
@@ -93,7 +98,7 @@ def _worker_loop(config: dict) -> None:
     ray.train.report(final or {})  # (never a `done` key: Tune would stop the trial before Train cleans up)
 
 
-def _trial(config: dict, configs: dict, study: StudyConfig, folder: str) -> None:
+def _trial(config: dict, configs: dict, study: StudyConfig, folder: str, prune: bool) -> None:
     """The Tune trainable: fit the trial's TorchTrainer (its metrics come back via TuneReportCallback)."""
     name = config["trial"]
     cfg = configs[name]
@@ -101,7 +106,7 @@ def _trial(config: dict, configs: dict, study: StudyConfig, folder: str) -> None
     resources = {"CPU": study.cpus_per_worker} | ({"GPU": gpus} if gpus else {}) | dict(study.worker_resources)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg, "gpus": gpus, "prune": study.prune},
+        train_loop_config={"cfg": cfg, "gpus": gpus, "prune": prune},
         scaling_config=ScalingConfig(num_workers=study.workers, use_gpu=gpus > 0, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=TrainRunConfig(name=name, storage_path=str(Path(folder) / "train"),
@@ -133,7 +138,9 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, report: R
         for data_cfg in {json.dumps(dataclasses.asdict(c.data), sort_keys=True): c.data for c in configs.values()
                          }.values():
             build_data(data_cfg, progress=verbose > 0)  # once, before the trials share its cache
-        results, failed = _fit(study, configs, folder, verbose)
+        if study.lr_search.lrs:
+            configs = _with_searched_lrs(study, trials, configs, folder, verbose, parent, log)
+        results, failed = _fit(study, configs, folder, verbose, name=study.name, prune=study.prune)
         unfinished = [n for n in configs if n not in failed and not (folder / "trials" / n / TRIAL_FILE).is_file()]
         if unfinished:  # Tune returns after Ctrl-C with the experiment saved: the study is interrupted
             log(f"study {study.name} interrupted with {len(unfinished)} trial(s) unfinished; "
@@ -151,6 +158,24 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, report: R
     return StudyResult(folder, uri, parent.run_id, results, failed, wall)
 
 
+def _with_searched_lrs(study: StudyConfig, trials: list[TrialSpec], configs: dict[str, ExperimentConfig],
+                       folder: Path, verbose: int, parent, log) -> dict[str, ExperimentConfig]:
+    """The trials' configs at the LR the search chose for their point (sweeps/lr_search.py); the choice is
+    logged on the study's MLflow run (a metric per point, and lr_search.json)."""
+
+    def fit(candidates: dict[str, ExperimentConfig], name: str) -> tuple[set[str], dict[str, str]]:
+        _, failed = _fit(study, candidates, folder, verbose, name=name, prune=False)
+        return {n for n, c in candidates.items() if n not in failed
+                and (Path(c.train.run_dir) / TRIAL_FILE).is_file()}, failed
+
+    chosen = search_lrs(study, {spec.name: (spec, configs[spec.name]) for spec in trials}, folder, fit, log=log)
+    parent.log_metrics({"lr/" + re.sub(r"[^\w.\- /]", "_", point): c["lr"] for point, c in chosen.items()}, 0)
+    parent.log_artifact(folder / LR_SEARCH_FILE)
+    log("learning rates: " + ", ".join(f"{point} {c['lr']:g}" for point, c in chosen.items()))
+    return {spec.name: dataclasses.replace(configs[spec.name], train=dataclasses.replace(
+        configs[spec.name].train, lr=chosen[spec.point_name]["lr"])) for spec in trials}
+
+
 def init_ray(verbose: int = 1) -> None:
     """Join RAY_ADDRESS's cluster (set by `ray job submit`; `RAY_ADDRESS=auto` joins a `ray start` cluster on
     this machine), else start a fresh local Ray (no dashboard); never a stale cluster a `ray start` left."""
@@ -159,17 +184,19 @@ def init_ray(verbose: int = 1) -> None:
                  log_to_driver=verbose > 1, configure_logging=verbose > 1)
 
 
-def _fit(study: StudyConfig, configs: dict, folder: Path, verbose: int) -> tuple[dict, dict]:
+def _fit(study: StudyConfig, configs: dict, folder: Path, verbose: int, *, name: str, prune: bool
+         ) -> tuple[dict, dict]:
+    """One Ray Tune grid over `configs` (experiment `name` under <study>/ray/, restored when it exists)."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     init_ray(verbose)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, configs=configs, study=study, folder=str(folder)),
+        tune.with_parameters(_trial, configs=configs, study=study, folder=str(folder), prune=prune),
         # The trial driver only waits on its TorchTrainer and holds no CPU (a fraction would leave the
         # last worker's CPU short); Tune needs a non-empty bundle, so it asks for one byte of memory.
         {"cpu": 0, "memory": 1},
     )
     storage = folder / "ray"
-    experiment = storage / study.name
+    experiment = storage / name
     if tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -178,14 +205,14 @@ def _fit(study: StudyConfig, configs: dict, folder: Path, verbose: int) -> tuple
             trainable,
             param_space={"trial": tune.grid_search(list(configs))},
             tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials),
-            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), verbose=verbose),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose),
         )
     grid = tuner.fit()
     results, failed = {}, {}
     for result in grid:
-        name = result.config["trial"]
+        trial = result.config["trial"]
         if result.error is not None:
-            failed[name] = str(result.error).strip().splitlines()[-1][:300]
+            failed[trial] = str(result.error).strip().splitlines()[-1][:300]
         else:
-            results[name] = dict(result.metrics or {})
+            results[trial] = dict(result.metrics or {})
     return results, failed

@@ -67,12 +67,42 @@ def test_study_keys_can_be_overridden_from_the_command_line(tmp_path):
     assert study.storage_path == "/x" and study.max_concurrent_trials == 3 and trials[0].config.train.steps == 7
 
 
-@pytest.mark.parametrize("name,count", [("smoke", 3), ("cpu", 7), ("paper", 27)])
+@pytest.mark.parametrize("name,count", [("smoke", 3), ("cpu", 13), ("paper", 56)])
 def test_shipped_studies_load(name, count):
     from pathlib import Path
 
     study, trials = load_study(Path(__file__).resolve().parents[2] / "sweeps" / f"{name}.yaml")
     assert study.name == name and len(trials) == count
-    if name == "paper":  # the Figure 3 grid: 23 buildable (ef, L0) points (ef 1 at L0 7.4M is dense) + 4 baselines
-        assert sum(t.config.sparsity.density < 1 for t in trials) == 22
+    if name == "paper":  # the Figure 3 grid: 23 buildable (ef, L0) points (ef 1 at L0 7.4M is dense) + a ladder
+        # of 5 dense widths, two seeds each
+        assert sum(t.config.sparsity.density < 1 for t in trials) == 22 * 2
         assert all(t.config.model.num_layers == 8 and t.config.prune.target_loss == 0.15 for t in trials)
+        assert study.lr_search.lrs and study.seeds == 2
+    if name != "smoke":  # both presets: the paper's activation sparsity and a learning rate chosen per point
+        assert all(t.config.model.afrac == 0.25 for t in trials) and study.lr_search.lrs
+    if name == "cpu":  # two seeds per sparse point, one per rung of the dense ladder
+        assert sum(t.config.sparsity.density < 1 for t in trials) == 4 * 2
+        assert sorted(t.config.model.d_model for t in trials if t.config.sparsity.density == 1) == [32, 48, 64, 96, 128]
+
+
+def test_seeds_give_one_trial_per_point_and_seed(tmp_path):
+    text = STUDY.replace("points:\n  - {model.d_model: 64, sparsity.density: 1.0}",
+                         "points:\n  - {model.d_model: 64, sparsity.density: 1.0, seeds: 1}") + "seeds: 2\n"
+    _, trials = load_study(write(tmp_path, text), ["train.seed=5"])
+    assert [t.name for t in trials[:2]] == ["000-d_model=64-density=0.25-seed=5", "000-d_model=64-density=0.25-seed=6"]
+    assert [t.config.train.seed for t in trials] == [5, 6, 5, 6, 5, 6, 5, 6, 5]  # the dense point: one seed
+    assert trials[-1].name == "004-d_model=64-density=1.0-seed=5"
+    assert {t.point_name for t in trials[:2]} == {"000-d_model=64-density=0.25"}
+    assert "seeds" not in trials[-1].point
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    (STUDY + "seeds: 0\n", "seeds: must be a positive integer"),
+    (STUDY.replace("density: 1.0}", "density: 1.0, seeds: 0}"), "seeds: must be a positive integer, got 0"),
+    (STUDY + "lr_search: {lrs: [0.01, 0.01]}\n", "lr_search.lrs: must be distinct positive"),
+    (STUDY + "lr_search: {lrs: [0.01], budget: 0}\n", "budget must lie in (0, 1]"),
+])
+def test_bad_seeds_and_lr_search_fail_before_compute(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_study(write(tmp_path, text))
+    assert fragment in str(info.value)

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def child_runs(folder: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
-    return [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    return [r for r in client.search_runs([experiment.experiment_id])
+            if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("kind") != "lr_search"]
 
 
 def metrics_lines(folder: Path) -> dict[str, int]:
@@ -39,17 +40,46 @@ def test_smoke_study_runs_every_trial_and_reports_a_frontier(smoke):
     for name in trials:
         record = json.loads((folder / "trials" / name / "trial.json").read_text())
         assert record["circuits_tried"] == 2 and record["val_loss"] > 0
-        assert (folder / "trials" / name / "circuits" / "if_equals.html").is_file()
+        for task, circuit in record["circuits"].items():
+            # 20 steps teach no task: honest pruning finds circuits only where the whole model reaches the target
+            assert circuit["status"] in ("found", "unreachable", "direct") and circuit["empty_loss"] is not None
+            assert (folder / "trials" / name / "circuits" / f"{task}.html").is_file()  # the viewer says why
     headline = json.loads((folder / "report" / "headline.json").read_text())
-    assert headline["trials"] == 3 and headline["frontier_points"] >= 1
+    assert headline["trials"] == 3 and headline["seeds"] == {name: 1 for name in trials}
+    for key in ("sparse_dense_edge_ratio", "sparse_dense_edge_ratio_ci95", "ratio_tasks", "direct_path_tasks"):
+        assert key in headline
     assert (folder / "report" / "frontier.png").stat().st_size > 10_000
     runs = child_runs(folder)  # one nested child run per trial, all finished, tagged
     assert sorted(r.data.tags["trial"] for r in runs) == trials
     assert all(r.info.status == "FINISHED" and r.data.tags["study"] == "smoke" for r in runs)
     assert all("circuit/if_equals/seconds" in r.data.metrics and "val_loss" in r.data.metrics for r in runs)
+    assert all(r.data.tags["kind"] == "trial" and r.data.tags["point"] == r.data.tags["trial"] for r in runs)
     client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 3
+
+
+@pytest.mark.slow
+def test_lr_search_chooses_each_points_rate_before_the_trials(smoke):
+    folder, _, out = smoke
+    search = json.loads((folder / "lr_search.json").read_text())
+    assert search["lrs"] == [0.001, 0.03] and len(search["points"]) == 3  # sparse d32, dense d32, dense d32 4 steps
+    for point, chosen in search["points"].items():
+        (rung,) = chosen["rungs"]  # two rates, eta 2: one rung decides
+        losses = {float(lr): loss for lr, loss in rung["val_loss"].items()}
+        assert rung["steps"] == (1 if "steps=4" in point else 5)  # a quarter of each point's budget
+        assert chosen["lr"] == min(losses, key=lambda lr: losses[lr] if losses[lr] is not None else float("inf"))
+        record = json.loads((folder / "trials" / point / "trial.json").read_text())
+        assert record["lr"] == chosen["lr"]  # the trial trained at its point's chosen rate
+    candidates = sorted(p.name for p in (folder / "lr_search").iterdir())
+    assert len(candidates) == 6 and all((folder / "lr_search" / c / "final_metrics.json").is_file() for c in candidates)
+    assert "learning rates: " in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    parent_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
+    assert sum(k.startswith("lr/") for k in client.get_run(parent_id).data.metrics) == 3
+    searched = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+                if r.data.tags.get("kind") == "lr_search"]
+    assert len(searched) == 6 and all(r.info.status == "FINISHED" for r in searched)
 
 
 @pytest.mark.slow
@@ -77,7 +107,7 @@ def test_notebook_executes_against_the_study(smoke):
         del os.environ["CIRCUITSCALE_STUDY"]
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # the four figures
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5  # the report's five figures
     assert any("3 trials" in o.get("text", "") for o in outputs)
 
 
