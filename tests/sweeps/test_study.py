@@ -60,26 +60,36 @@ def test_smoke_study_runs_every_trial_and_reports_a_frontier(smoke):
 
 
 @pytest.mark.slow
-def test_lr_search_chooses_each_points_rate_before_the_trials(smoke):
-    folder, _, out = smoke
+def test_lr_search_chooses_each_points_rate_before_the_trials(small_corpus, smoke_cache, tmp_path, study_cli,
+                                                              smoke_args):
+    """The smoke study's sparse point alone, unpruned, after a search over two learning rates."""
+    args = smoke_args(small_corpus, smoke_cache, tmp_path) + [
+        "study.name=lr", "study.points=[]", "study.prune=false", "study.lr_search.lrs=[0.001,0.03]"]
+    proc = study_cli(args)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    folder = tmp_path / "lr"
     search = json.loads((folder / "lr_search.json").read_text())
-    assert search["lrs"] == [0.001, 0.03] and len(search["points"]) == 3  # sparse d32, dense d32, dense d32 4 steps
-    for point, chosen in search["points"].items():
-        (rung,) = chosen["rungs"]  # two rates, eta 2: one rung decides
-        losses = {float(lr): loss for lr, loss in rung["val_loss"].items()}
-        assert rung["steps"] == (1 if "steps=4" in point else 5)  # a quarter of each point's budget
-        assert chosen["lr"] == min(losses, key=lambda lr: losses[lr] if losses[lr] is not None else float("inf"))
-        record = json.loads((folder / "trials" / point / "trial.json").read_text())
-        assert record["lr"] == chosen["lr"]  # the trial trained at its point's chosen rate
+    assert search["lrs"] == [0.001, 0.03] and list(search["points"]) == ["000-d_model=32-density=0.25"]
+    chosen = search["points"]["000-d_model=32-density=0.25"]
+    (rung,) = chosen["rungs"]  # two rates, eta 2: one rung decides
+    losses = {float(lr): loss for lr, loss in rung["val_loss"].items()}
+    assert rung["steps"] == 5 and all(loss is not None for loss in losses.values())  # a quarter of 20 steps
+    assert chosen["lr"] == min(losses, key=losses.get)
+    record = json.loads((folder / "trials" / "000-d_model=32-density=0.25" / "trial.json").read_text())
+    assert record["lr"] == chosen["lr"]  # the trial trained at its point's chosen rate
     candidates = sorted(p.name for p in (folder / "lr_search").iterdir())
-    assert len(candidates) == 6 and all((folder / "lr_search" / c / "final_metrics.json").is_file() for c in candidates)
-    assert "learning rates: " in out
+    assert candidates == ["000-d_model=32-density=0.25-lr=0.001-steps=5", "000-d_model=32-density=0.25-lr=0.03-steps=5"]
+    assert f"learning rates: 000-d_model=32-density=0.25 {chosen['lr']:g}" in out
     client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     parent_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
-    assert sum(k.startswith("lr/") for k in client.get_run(parent_id).data.metrics) == 3
-    searched = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert [k for k in client.get_run(parent_id).data.metrics if k.startswith("lr/")] == [
+        "lr/000-d_model_32-density_0.25"]
+    searched = [r for r in client.search_runs([client.get_experiment_by_name("lr").experiment_id])
                 if r.data.tags.get("kind") == "lr_search"]
-    assert len(searched) == 6 and all(r.info.status == "FINISHED" for r in searched)
+    assert len(searched) == 2 and all(r.info.status == "FINISHED" for r in searched)
+    report = (folder / "report" / "report.md").read_text()
+    assert "Chosen per point by successive halving" in report
 
 
 @pytest.mark.slow
