@@ -47,7 +47,7 @@ def candidate_config(cfg: ExperimentConfig, lr: float, steps: int, run_dir: Path
 def search_lrs(study: StudyConfig, trials: dict[str, tuple[TrialSpec, ExperimentConfig]], folder: Path, fit: FitFn,
                log=print) -> dict[str, dict]:
     """Each point's LR (`point name -> {"lr", "rungs"}`), from `lr_search.json` when it holds every point
-    for these LRs, else searched (finished candidates are reused). `trials` maps each trial name to its
+    for this search (rates, budget, eta), else searched (finished candidates are reused). `trials` maps each trial name to its
     spec and its config (pointed at the study's MLflow store); a point's first trial stands for it."""
     search = study.lr_search
     points: dict[str, ExperimentConfig] = {}
@@ -56,7 +56,8 @@ def search_lrs(study: StudyConfig, trials: dict[str, tuple[TrialSpec, Experiment
     path = folder / LR_SEARCH_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("lrs") == list(search.lrs) and set(saved["points"]) == set(points):
+        if (saved.get("lrs"), saved.get("budget"), saved.get("eta")) == (list(search.lrs), search.budget, search.eta) \
+                and set(saved["points"]) == set(points):
             return saved["points"]
     alive = {name: list(search.lrs) for name in points}
     rungs: dict[str, list[dict]] = {name: [] for name in points}

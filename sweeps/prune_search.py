@@ -73,7 +73,7 @@ def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *
         run_config=tune.RunConfig(name=f"prune-{task}", storage_path=str(storage.resolve()), verbose=0),
     )
     grid = tuner.fit()
-    trials, best, best_settings = [], None, {}
+    trials, done = [], []
     for result in grid:
         path = Path(result.path) / RECORD
         if result.error is not None or not path.is_file():
@@ -81,6 +81,16 @@ def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *
         settings = {key: result.config[key] for key in SEARCHED}
         record = CircuitRecord.load(path)
         trials.append({**settings, "status": record.status, "edges": record.edges})
-        if record.status == "found" and (best is None or record.edges < best.edges):
-            best, best_settings = record, settings
+        done.append((record, settings))
+    best, best_settings = best_of(done)
     return SearchResult(task=task, best=best, best_settings=best_settings, trials=trials)
+
+
+def best_of(done: list[tuple[CircuitRecord, dict]]) -> tuple[CircuitRecord | None, dict]:
+    """The smallest found circuit (first on ties) and its settings; else a `direct` record (the empty circuit
+    reaches the target whatever the settings: no circuit to search for); else (None, {})."""
+    found = [(r, s) for r, s in done if r.status == "found"]
+    if found:
+        return min(found, key=lambda rs: rs[0].edges)
+    direct = [(r, s) for r, s in done if r.status == "direct"]
+    return direct[0] if direct else (None, {})

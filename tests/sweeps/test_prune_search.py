@@ -26,8 +26,23 @@ def test_search_keeps_the_smallest_circuit_and_starts_at_the_centres(small_datas
         ray.shutdown()
     assert len(result.trials) == 3
     assert any(all(t[k] == getattr(cfg.prune, k) for k in SEARCHED) for t in result.trials)  # the centres
-    found = [t["edges"] for t in result.trials if t["status"] == "found"]
-    assert result.best is not None and result.best.edges == min(found)
+    # a target above ln 2: the empty circuit (calibrated) reaches it under every setting, so the task is direct
+    assert [t["status"] for t in result.trials] == ["direct"] * 3
+    assert result.best.status == "direct" and result.best.nodes == []
+
+
+def test_best_of_keeps_the_smallest_found_circuit_then_a_direct_one():
+    from pipeline.records import CircuitRecord
+    from sweeps.prune_search import best_of
+
+    def rec(status: str, edges: int = 0) -> CircuitRecord:
+        return CircuitRecord(task="t", target_loss=0.1, unpruned_loss=0.05, total_nodes=9, status=status, edges=edges)
+
+    done = [(rec("unreachable"), {"lr": 1}), (rec("found", 30), {"lr": 2}), (rec("found", 12), {"lr": 3}),
+            (rec("found", 12), {"lr": 4}), (rec("direct"), {"lr": 5})]
+    assert best_of(done) == (rec("found", 12), {"lr": 3})
+    assert best_of([done[0], done[4]]) == (rec("direct"), {"lr": 5})
+    assert best_of([done[0]]) == (None, {}) and best_of([]) == (None, {})
 
 
 @pytest.mark.slow
