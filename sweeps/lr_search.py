@@ -46,9 +46,10 @@ def candidate_config(cfg: ExperimentConfig, lr: float, steps: int, run_dir: Path
 
 def search_lrs(study: StudyConfig, trials: dict[str, tuple[TrialSpec, ExperimentConfig]], folder: Path, fit: FitFn,
                log=print) -> dict[str, dict]:
-    """Each point's LR (`point name -> {"lr", "rungs"}`), from `lr_search.json` when it holds every point
-    for this search (rates, budget, eta), else searched (finished candidates are reused). `trials` maps each trial name to its
-    spec and its config (pointed at the study's MLflow store); a point's first trial stands for it."""
+    """Each point's LR (`point name -> {"lr", "rungs"}`), from `lr_search.json` when it holds every
+    point for this search (rates, budget, eta), else searched (finished candidates are reused). `trials`
+    maps each trial name to its spec and its config (pointed at the study's MLflow store); a point's first
+    trial stands for it."""
     search = study.lr_search
     points: dict[str, ExperimentConfig] = {}
     for spec, cfg in trials.values():
