@@ -1,12 +1,14 @@
-"""One training step of the recipe (forward, backward, fused sparse Adam: update, top-k projection,
-decay), dense vs sparse, side by side in one run.
+"""One training step of the recipe (forward, backward, fused sparse Adam: update, top-k projection, decay),
+dense vs sparse, side by side in one run.
 
-Shapes: the `cpu` preset (4 layers, d_model 128, batch 32 x 128 tokens) and d_model 1024 (2 layers,
-batch 8 x 128 tokens, to keep a CPU step at about a second). Densities 1, 1/4, 1/16, 1/64 (a density
-below the per-neuron floor, j / d_model, is skipped and said so). Each shape runs with the dispatched
-kernels (`--kernels`, default auto) and, at d_model 1024, with the plain-torch reference kernels too
-(the before/after of the kernels issue). Prints medians over `--repeats` steps and a final JSON line
-with `step_ratio_1_16`, `step_ratio_1_64` (sparse / dense at d_model 1024) and `topk_share` (share of
+Shapes: the `cpu` preset (4 layers, d_model 128, batch 32 x 128 tokens, AbsTopK at 1/4), the same
+without activation sparsity (`model.afrac=1`: what AbsTopK costs), and d_model 1024 (2 layers, batch 8 x
+128 tokens, to keep a CPU step at about a second; AbsTopK on, as in the preset). Densities 1, 1/4, 1/16,
+1/64 (a density below the per-neuron floor, j / d_model, is skipped and said so). Each shape runs with
+the dispatched kernels (`--kernels`, default auto) and, at d_model 1024, with the plain-torch reference
+kernels too (the before/after of the kernels issue). Prints medians over `--repeats` steps and a final
+JSON line with `abstopk_ratio_cpu_1_16` (the cpu preset's step with AbsTopK over without, at density
+1/16), `step_ratio_1_16`, `step_ratio_1_64` (sparse / dense at d_model 1024) and `topk_share` (share of
 the density-1/64 step spent selecting top-k masks at d_model 1024), for the dispatched kernels.
 
     .venv/bin/python benchmarks/step.py [--repeats 5] [--kernels auto|cpu|reference|triton]
@@ -38,8 +40,11 @@ PHASES = ("fwd_bwd_s", "optim_s")
 
 def shapes() -> dict[str, tuple]:
     cpu = resolve_config(PRESET)
+    plain = resolve_config(PRESET, ["model.afrac=1.0"])
     wide = resolve_config(PRESET, ["model.d_model=1024", "model.num_layers=2", "train.batch_size=8"])
-    return {"cpu preset": (cpu.model, cpu.train.batch_size), "d_model 1024": (wide.model, wide.train.batch_size)}
+    return {"cpu preset": (cpu.model, cpu.train.batch_size),
+            "cpu no AbsTopK": (plain.model, plain.train.batch_size),
+            "d_model 1024": (wide.model, wide.train.batch_size)}
 
 
 def time_steps(model_cfg, batch_size: int, density: float, repeats: int, device: str) -> dict[str, float]:
@@ -75,20 +80,23 @@ def main() -> None:
             dense = None
             for label, density in DENSITIES.items():
                 if density < 1.0 and density < floor_min:
-                    print(f"{shape:13s} {backend:9s} density {label:5s}: skipped, below the per-neuron floor "
+                    print(f"{shape:14s} {backend:9s} density {label:5s}: skipped, below the per-neuron floor "
                           f"(j / d_model = {floor_min:g})")
                     continue
                 r = time_steps(cfg, batch_size, density, args.repeats, device)
                 dense = dense or r["step_s"]
                 table[(shape, backend, label)] = r
-                print(f"{shape:13s} {backend:9s} density {label:5s}: step {r['step_s'] * 1e3:8.1f} ms  ratio "
+                print(f"{shape:14s} {backend:9s} density {label:5s}: step {r['step_s'] * 1e3:8.1f} ms  ratio "
                       f"{r['step_s'] / dense:5.2f}  fwd+bwd {r['fwd_bwd_s'] * 1e3:7.1f}  adam {r['adam_s'] * 1e3:6.1f}"
                       f"  top-k {r['topk_s'] * 1e3:7.1f} ({r['topk_s'] / r['step_s']:5.1%})  "
                       f"mask+decay {r['mask_decay_s'] * 1e3:5.1f} ms")
     wide = ("d_model 1024", args.kernels)
     dense = table[(*wide, "1")]["step_s"]
     sparse64 = table[(*wide, "1/64")]
+    with_topk, without = (table[(shape, args.kernels, "1/16")]["step_s"] for shape in ("cpu preset", "cpu no AbsTopK"))
+    abstopk = with_topk / without
     print(json.dumps({
+        "abstopk_ratio_cpu_1_16": round(abstopk, 3),
         "step_ratio_1_16": round(table[(*wide, "1/16")]["step_s"] / dense, 3),
         "step_ratio_1_64": round(sparse64["step_s"] / dense, 3),
         "topk_share": round(sparse64["topk_s"] / sparse64["step_s"], 3),

@@ -165,8 +165,11 @@ def _with_searched_lrs(study: StudyConfig, trials: list[TrialSpec], configs: dic
 
     def fit(candidates: dict[str, ExperimentConfig], name: str) -> tuple[set[str], dict[str, str]]:
         _, failed = _fit(study, candidates, folder, verbose, name=name, prune=False)
-        return {n for n, c in candidates.items() if n not in failed
-                and (Path(c.train.run_dir) / TRIAL_FILE).is_file()}, failed
+        finished = {n for n, c in candidates.items() if (Path(c.train.run_dir) / TRIAL_FILE).is_file()}
+        if set(candidates) - finished - set(failed):  # Tune returned after Ctrl-C: not a verdict on any rate
+            log(f"study {study.name} interrupted during the LR search; run the same command to resume it")
+            raise KeyboardInterrupt
+        return finished - set(failed), failed
 
     chosen = search_lrs(study, {spec.name: (spec, configs[spec.name]) for spec in trials}, folder, fit, log=log)
     parent.log_metrics({"lr/" + re.sub(r"[^\w.\- /]", "_", point): c["lr"] for point, c in chosen.items()}, 0)
