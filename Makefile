@@ -34,16 +34,19 @@ test-fast: lint
 study: setup
 	$(BIN)/circuitscale study sweeps/cpu.yaml
 
-# JupyterLab (the `jupyter` extra) on 127.0.0.1, opening the analysis notebook on the latest study.
+# JupyterLab (the `jupyter` extra) on 127.0.0.1, opening the analysis notebook on the latest study
+# (or on CIRCUITSCALE_STUDY when set).
+LAB_PORT ?= 8888
 LAB_STAMP := $(VENV)/.installed-jupyter
 $(LAB_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev,jupyter]"
 	touch $(LAB_STAMP)
 
 lab: $(LAB_STAMP)
-	CIRCUITSCALE_STUDY="$$($(BIN)/python -c 'from analysis.load import latest_study; print(latest_study())')" \
-	  && export CIRCUITSCALE_STUDY && echo "study: $$CIRCUITSCALE_STUDY" \
-	  && $(BIN)/jupyter lab --ip 127.0.0.1 --ServerApp.root_dir="$(CURDIR)" analysis/frontier.ipynb
+	study="$${CIRCUITSCALE_STUDY:-$$($(BIN)/python -c 'from analysis.load import latest_study; print(latest_study())')}" \
+	  && echo "study: $$study" && CIRCUITSCALE_STUDY="$$study" \
+	  $(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --ServerApp.root_dir="$(CURDIR)" \
+	  $$([ "$$(id -u)" = 0 ] && echo --allow-root) analysis/frontier.ipynb
 
 # Re-pin every dependency (after changing pyproject.toml): torch is installed per platform, so not pinned here.
 lock: setup

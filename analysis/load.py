@@ -41,11 +41,13 @@ def trial_records(study_folder: str | Path) -> list[TrialRecord]:
 
 
 def latest_study(root: str | Path = "runs/studies") -> Path:
-    """The study folder under `root` whose trials changed last (what `make lab` opens)."""
+    """The study folder under `root` whose trials changed last (what `make lab` opens), as an absolute path
+    (the notebook's kernel runs in analysis/)."""
     studies = [p for p in Path(root).glob("*") if (p / "trials").is_dir()]
     if not studies:
         raise FileNotFoundError(f"no study under {Path(root).resolve()}; run `make study` first")
-    return max(studies, key=lambda p: max([q.stat().st_mtime for q in (p / "trials").iterdir()] + [0.0]))
+    latest = max(studies, key=lambda p: max([q.stat().st_mtime for q in (p / "trials").iterdir()] + [0.0]))
+    return latest.resolve()
 
 
 def mlflow_records(tracking_uri: str, experiment: str) -> list[TrialRecord]:

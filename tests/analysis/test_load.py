@@ -65,8 +65,8 @@ def test_latest_study_is_the_one_whose_trials_changed_last(study, seeded_study, 
     from analysis.load import latest_study
 
     os.utime(study / "trials" / "002-sparse", (1e9, 2e9))
-    assert latest_study(tmp_path) == study
+    assert latest_study(tmp_path) == study.resolve() and latest_study(tmp_path).is_absolute()
     os.utime(seeded_study / "trials" / "000-d_model=32-density=1.0", (1e9, 3e9))
-    assert latest_study(tmp_path) == seeded_study
+    assert latest_study(tmp_path) == seeded_study.resolve()
     with pytest.raises(FileNotFoundError, match="run `make study` first"):
         latest_study(tmp_path / "none")
