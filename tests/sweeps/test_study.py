@@ -164,30 +164,17 @@ def test_interrupted_study_resumes_with_one_run_per_trial(small_corpus, smoke_ca
 
 @pytest.mark.slow
 def test_ui_serves_the_study_store_on_loopback(smoke):
-    import socket
     import subprocess
     import sys
-    import urllib.request
+
+    from tests.servers import assert_serves_on_loopback, free_port
 
     folder, _, _ = smoke
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ui", str(folder), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
-                time.sleep(1)
-        listening = [c for c in __import__("psutil").net_connections("tcp") if c.laddr and c.laddr.port == port
-                     and c.status == "LISTEN"]
-        assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)  # loopback only
+        assert_serves_on_loopback(proc, port)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
