@@ -41,11 +41,10 @@ from analysis.plots import (
     target_curve_figure,
     task_sizes_figure,
 )
-from pipeline.records import TrialRecord
+from pipeline.records import LR_SEARCH_FILE, TrialRecord
 from pipeline.templating import environment
 
 TIMING_FILE = "timing.json"  # written by the study driver: wall seconds of the last run
-LR_SEARCH_FILE = "lr_search.json"  # written by the study's LR search (sweeps/lr_search.py), when it ran
 
 
 @dataclass(frozen=True)

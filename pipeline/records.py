@@ -156,6 +156,7 @@ class CircuitRecord(JsonRecord):
 
 
 TRIAL_FILE = "trial.json"  # a TrialRecord, in each trial's run folder and as its MLflow artifact
+LR_SEARCH_FILE = "lr_search.json"  # in a study folder: each point's chosen LR and every rung's losses
 
 
 @dataclass

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig
-from pipeline.trial import SUMMARY
+from pipeline.records import LR_SEARCH_FILE
+from pipeline.trial import finished_metrics
 from sweeps.spec import StudyConfig, TrialSpec
 
-LR_SEARCH_FILE = "lr_search.json"
 # (configs by name, Tune experiment name) -> (finished names, failed name -> error): the study's `_fit`
 FitFn = Callable[[dict[str, ExperimentConfig], str], tuple[set[str], dict[str, str]]]
 
@@ -104,5 +104,5 @@ def search_lrs(study: StudyConfig, trials: dict[str, tuple[TrialSpec, Experiment
 
 
 def _final_val_loss(run_dir: Path) -> float:
-    loss = json.loads((run_dir / SUMMARY).read_text())["final"]["val_loss"]
+    loss = finished_metrics(run_dir)["val_loss"]
     return loss if math.isfinite(loss) else math.inf

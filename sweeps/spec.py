@@ -95,21 +95,19 @@ def expand_trials(study: StudyConfig, base: Path | None, overrides: list[str]) -
         if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
             raise ConfigError(f"study {study.name!r}, point {trial_name(index, point)}: seeds: must be a positive "
                               f"integer, got {seeds!r}")
-        named = study_seeds(study)
-        for offset in range(seeds):
-            name = trial_name(index, point)
-            try:
-                config = resolve_config(base, overrides, point=point)
-                if seeds > 1:  # train.seed (the base's, an override's or the point's) + 0, 1, ...
-                    seed = config.train.seed + offset
-                    config = resolve_config(base, overrides, point=point | {"train.seed": seed})
-                if named:
-                    name = trial_name(index, point, config.train.seed)
-            except ConfigError as err:
-                raise ConfigError(f"study {study.name!r}, trial {name}: {err}") from None
-            assert name not in names
-            names.add(name)
-            trials.append(TrialSpec(name=name, point=point, config=config, point_name=trial_name(index, point)))
+        named, name = study_seeds(study), trial_name(index, point)
+        try:
+            first = resolve_config(base, overrides, point=point)
+            # train.seed (the base's, an override's or the point's) + 0, 1, ...: one resolution per extra seed
+            configs = [first] + [resolve_config(base, overrides, point=point | {"train.seed": first.train.seed + k})
+                                 for k in range(1, seeds)]
+        except ConfigError as err:
+            raise ConfigError(f"study {study.name!r}, trial {name}: {err}") from None
+        for config in configs:
+            seeded = trial_name(index, point, config.train.seed) if named else name
+            assert seeded not in names
+            names.add(seeded)
+            trials.append(TrialSpec(name=seeded, point=point, config=config, point_name=name))
     return trials
 
 

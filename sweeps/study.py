@@ -41,9 +41,9 @@ from infra.tracking import tracked_run, tracking_uri
 from pipeline.config import ExperimentConfig
 from pipeline.data import build_data
 from pipeline.errors import UserError
-from pipeline.records import TRIAL_FILE
+from pipeline.records import LR_SEARCH_FILE, TRIAL_FILE
 from pipeline.trial import trial_rank
-from sweeps.lr_search import LR_SEARCH_FILE, search_lrs
+from sweeps.lr_search import search_lrs
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
 PLACEMENT = "placement.json"  # in each trial folder: the Ray node its rank 0 ran on
