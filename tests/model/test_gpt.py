@@ -70,6 +70,19 @@ def test_abstopk_keeps_exactly_k_and_masks_gradients():
     torch.testing.assert_close(x.grad, kept.float())
 
 
+@pytest.mark.parametrize("shape,k", [((4, 7, 32), 8), ((3, 128), 32), ((2, 5, 512), 128), ((6, 3), 1)])
+def test_abstopk_matches_its_plain_torch_twin(shape, k):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    grad = torch.randn(*shape)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = AbsTopK(k)(x), AbsTopK.reference(x_ref, k)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+
+
 def test_activation_sparsity_at_the_configured_locations():
     from model.hooks import record
 
