@@ -173,6 +173,9 @@ def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
             attr = "-" if r.attribution_edges is None else str(r.attribution_edges)
             print(f"  {name:28s} {r.unpruned_loss:8.3f} {len(r.nodes):6d} {r.edges:6d} {r.sufficiency_loss:6.3f} "
                   f"{r.necessity_loss:6.3f} {r.random_loss:6.3f} {attr:>10s} {r.seconds:5.0f}")
+        elif r.status == "direct":
+            print(f"  {name:28s} {r.unpruned_loss:8.3f}  direct path: the empty circuit reaches the target "
+                  f"({r.empty_loss:.3f}) {r.seconds:4.0f}")
         else:
             print(f"  {name:28s} {r.unpruned_loss:8.3f}  target unreachable by the whole model {r.seconds:14.0f}")
     for name, message in result.failures.items():

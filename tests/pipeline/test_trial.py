@@ -238,6 +238,9 @@ def test_prune_verb_on_a_trained_run(dataset_cache, tmp_path, capsys):
     record = CircuitRecord.load(circuits / "if_equals.json")
     expected = "direct" if empty <= target else "unreachable" if full > target else "found"
     assert record.status == expected and record.target_loss == target, (full, empty)
+    printed = {"direct": "direct path: the empty circuit reaches the target",
+               "unreachable": "target unreachable by the whole model", "found": "geometric mean of circuit edges"}
+    assert printed[expected] in out
     assert record.empty_loss == pytest.approx(empty)
     page = (circuits / "if_equals.html").read_text()
     assert "if_equals circuit" in page and record.status in page  # the viewer page beside the record
@@ -245,6 +248,10 @@ def test_prune_verb_on_a_trained_run(dataset_cache, tmp_path, capsys):
     assert list(matrix["nodes"]) == (["if_equals"] if record.status == "found" else [])
     run = mlflow_run(run_dir)
     assert run.data.metrics["circuit/if_equals/empty_loss"] == pytest.approx(empty) and run.info.status == "FINISHED"
+    if expected != "direct":  # a target above the empty circuit's loss: the verb says direct path, not unreachable
+        assert main(["prune", "--no-progress", str(run_dir), *prune, f"prune.target_loss={empty + 0.1}"]) == 0
+        assert printed["direct"] in capsys.readouterr().out
+        assert CircuitRecord.load(circuits / "if_equals.json").status == "direct"
 
 
 def test_prune_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
