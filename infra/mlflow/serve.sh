@@ -4,6 +4,8 @@
 # the manifest sets 0.0.0.0 behind a ClusterIP Service, which is reachable only inside the cluster.
 #   MLFLOW_BACKEND_URI   postgresql://mlflow:<password>@<host>:5432/mlflow   (required)
 #   MLFLOW_ARTIFACTS     s3://<bucket>/mlflow                               (required)
+# S3 credentials come the usual boto3 ways: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (mlflow-k8s.yaml sets
+# them from the aws-credentials Secret) or the instance profile (the VM head, infra/cluster/iam/).
 set -euo pipefail
 : "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI to the PostgreSQL URI}"
 : "${MLFLOW_ARTIFACTS:?set MLFLOW_ARTIFACTS to the object-store artifact root}"

@@ -13,19 +13,32 @@ import time
 import tomllib
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
+from jsonschema.exceptions import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+CLUSTER = ROOT / "infra" / "cluster"
+# KubeRay v1.7.0's RayJob CRD schema (source, commit and checksum in the file's header).
+RAYJOB_CRD = Path(__file__).parent / "kuberay" / "ray.io_rayjobs.v1.yaml"
+
+
+def load_yaml(path: Path):
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the vendored schema is 600 kB
+    return yaml.load(path.read_text(), Loader=loader)
+
+
+def load_yaml_documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
 def test_ray_cluster_yaml_matches_rays_published_schema():
-    import jsonschema
     import ray
 
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    cfg = yaml.safe_load((ROOT / "infra" / "cluster" / "ray-cluster.yaml").read_text())
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
     jsonschema.validate(cfg, schema)
     gpu = cfg["available_node_types"]["gpu_worker"]
     assert cfg["head_node_type"] == "head" and gpu["min_workers"] <= gpu["max_workers"] <= cfg["max_workers"]
@@ -33,30 +46,204 @@ def test_ray_cluster_yaml_matches_rays_published_schema():
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # nothing on a public interface
 
 
-def test_kuberay_rayjob_has_the_fields_the_crd_requires():
-    # KubeRay's CRD schema is not shipped in a Python package here: check the fields ray.io/v1 requires.
-    job = yaml.safe_load((ROOT / "infra" / "cluster" / "rayjob.yaml").read_text())
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
-    spec = job["spec"]
-    assert spec["entrypoint"].startswith("circuitscale study sweeps/")
-    cluster = spec["rayClusterSpec"]
-    head = cluster["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    assert head["template"]["spec"]["containers"][0]["image"]
-    for group in cluster["workerGroupSpecs"]:
-        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        container = group["template"]["spec"]["containers"][0]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    study = yaml.safe_load((ROOT / spec["entrypoint"].split()[-1]).read_text())
-    assert study["storage_path"].startswith("/mnt/cluster_storage")  # shared storage, as mounted above
+def test_ray_cluster_yaml_turns_token_auth_on_in_every_container():
+    # Ray 2.60's `ray start` runs unauthenticated unless RAY_AUTH_MODE=token: the mode goes into every
+    # container's environment (run_options apply to head and workers) and the token file to every node.
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    docker = cfg["docker"]
+    assert not {"head_run_options", "worker_run_options"} & docker.keys()  # one environment for all nodes
+    env = dict(option.split(None, 1)[1].split("=", 1) for option in docker["run_options"]
+               if option.split(None, 1)[0] in ("-e", "--env"))
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_AUTH_TOKEN_PATH"] in cfg["file_mounts"], "the token file is not copied to the nodes"
+    commands = [c for key, value in cfg.items() if key.endswith("_commands") for c in value]
+    assert not any("RAY_AUTH_MODE" in c or "RAY_AUTH_TOKEN" in c for c in commands)  # nothing overrides it
+
+
+def test_ray_cluster_nodes_get_scoped_instance_profiles_and_closed_security_groups():
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    roles = {name: "head" if name == cfg["head_node_type"] else "worker" for name in cfg["available_node_types"]}
+    for name, node in cfg["available_node_types"].items():
+        config = node["node_config"]
+        # Without these the launcher gives the head ray-autoscaler-v1 (EC2 and S3 full access) and
+        # creates a security group that admits SSH from 0.0.0.0/0.
+        assert config["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/circuitscale-{roles[name]}")
+        assert config["SecurityGroupIds"] and all(sg.strip() for sg in config["SecurityGroupIds"])
+    assert "security_group" not in cfg["provider"]  # extra rules there still come with SSH open to the world
+
+
+def test_instance_profile_policies_grant_only_what_the_nodes_use():
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    head, worker = (json.loads((CLUSTER / "iam" / f"{role}-policy.json").read_text()) for role in ("head", "worker"))
+    assert json.loads((CLUSTER / "iam" / "ec2-trust.json").read_text())["Statement"][0]["Principal"] == \
+        {"Service": "ec2.amazonaws.com"}
+
+    def statements(policy: dict) -> list[tuple[list[str], list[str], dict]]:
+        out = []
+        for s in policy["Statement"]:
+            assert s["Effect"] == "Allow"
+            actions, resources = ([v] if isinstance(v, str) else v for v in (s["Action"], s["Resource"]))
+            assert not any(a == "*" or a.endswith(":*") for a in actions), s  # no service-wide grant
+            out.append((actions, resources, s.get("Condition", {})))
+        return out
+
+    assert all(a.startswith("ecr:") for actions, _, _ in statements(worker) for a in actions)  # pull only
+    for actions, resources, condition in statements(head):
+        if any(a.startswith("s3:") for a in actions):  # the MLflow server's prefix of one bucket
+            assert all(r == "arn:aws:s3:::<bucket>" or r.startswith("arn:aws:s3:::<bucket>/mlflow/") for r in resources)
+        if "ec2:TerminateInstances" in actions:
+            assert condition["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == cfg["cluster_name"]
+        if "iam:PassRole" in actions:
+            assert resources == ["arn:aws:iam::<account>:role/circuitscale-worker"]
+        if any(a.startswith("ec2:") for a in actions) and "*" in resources:
+            assert all(a.startswith("ec2:Describe") for a in actions) or condition, (actions, condition)
+
+
+def kubernetes_schema(node: dict) -> dict:
+    """A CRD's structural schema as plain JSON Schema (draft 4, which OpenAPI v3 schemas follow), as strict
+    as `kubectl apply`'s default server-side field validation: an object with `properties` rejects unknown
+    fields; `nullable` adds null to the type; `x-kubernetes-int-or-string` means integer or string (the
+    generated CRD already spells this as anyOf); `x-kubernetes-list-type: set` means unique items. The
+    keywords in `crd_validator` check list maps' keys and refuse fields that carry CEL rules; `format`
+    (int32, date-time) and `default` are not checked."""
+    out = dict(node)
+    for key in ("properties", "patternProperties"):
+        if key in node:
+            out[key] = {name: kubernetes_schema(sub) for name, sub in node[key].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(node.get(key), dict):
+            out[key] = kubernetes_schema(node[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in node:
+            out[key] = [kubernetes_schema(sub) for sub in node[key]]
+    if "properties" in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if node.get("nullable") and "type" in node:
+        out["type"] = [node["type"], "null"]
+    if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if node.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True
+    return out
+
+
+def crd_validator(crd: dict) -> jsonschema.protocols.Validator:
+    def unique_list_map_keys(validator, keys, instance, schema):
+        # x-kubernetes-list-type: map: no two entries share their key fields (containers by name, ...).
+        if not validator.is_type(instance, "array"):
+            return
+        seen = set()
+        for item in instance:
+            key = tuple(json.dumps(item.get(k), sort_keys=True) for k in keys) if isinstance(item, dict) else None
+            if key in seen:
+                yield ValidationError(f"two entries with the same {keys}: {key}")
+            seen.add(key)
+
+    def cel_rules(validator, rules, instance, schema):
+        # The API server evaluates these CEL rules; jsonschema cannot. A field that carries them fails here
+        # so that using it means reading its rules and extending this test, never an unchecked pass.
+        yield ValidationError(f"CEL rules not evaluated by this test: {[r['rule'] for r in rules]}")
+
+    cls = jsonschema.validators.extend(jsonschema.Draft4Validator, {
+        "x-kubernetes-list-map-keys": unique_list_map_keys, "x-kubernetes-validations": cel_rules})
+    return cls(kubernetes_schema(crd["openAPIV3Schema"]))
+
+
+@pytest.fixture(scope="module")
+def rayjob_crd() -> dict:
+    return load_yaml(RAYJOB_CRD)
+
+
+def rayjob_documents() -> list[dict]:
+    jobs = [d for d in load_yaml_documents(CLUSTER / "rayjob.yaml") if d["kind"] == "RayJob"]
+    assert jobs, "infra/cluster/rayjob.yaml holds no RayJob"
+    return jobs
+
+
+def test_kuberay_rayjob_matches_the_vendored_rayjob_crd_schema(rayjob_crd):
+    validator = crd_validator(rayjob_crd)
+    for job in rayjob_documents():
+        assert job["apiVersion"] == f"{rayjob_crd['group']}/{rayjob_crd['version']}"
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)]
+        assert not errors, errors
+        # KubeRay's controller (not the CRD) limits the name: a DNS-1035 label of at most 47 characters
+        # (ray-operator/controllers/ray/utils/validation.go, ValidateRayJobMetadata, v1.7.0).
+        name = job["metadata"]["name"]
+        assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
+    # The validator is not vacuous: a misspelt field, a number where rayStartParams wants a string, and a
+    # duplicate container name each fail.
+    job = rayjob_documents()[0]
+    bad = [json.loads(json.dumps(job)) for _ in range(3)]
+    bad[0]["spec"]["ttlSecondsAfterFinish"] = 60
+    bad[1]["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    containers = bad[2]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    containers.append(dict(containers[0]))
+    assert all(list(validator.iter_errors(b)) for b in bad)
+
+
+def test_kuberay_rayjob_autoscales_reaches_its_dashboard_and_cleans_up():
+    for job in rayjob_documents():
+        spec = job["spec"]
+        assert spec["entrypoint"].startswith("circuitscale study sweeps/")
+        cluster = spec["rayClusterSpec"]
+        # The submitter Job and the operator call the dashboard through the head Service on 8265: it must
+        # listen on the pod IP (0.0.0.0, KubeRay's default), behind a ClusterIP Service and the token.
+        head = cluster["headGroupSpec"]
+        assert head["rayStartParams"].get("dashboard-host", "0.0.0.0") == "0.0.0.0"
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
+        assert cluster["authOptions"]["mode"] == "token" and cluster["authOptions"]["secretName"]
+        assert head["template"]["spec"]["containers"][0]["image"]
+        # Without the in-tree autoscaler `replicas` is a fixed pool: the number of concurrent trials.
+        assert cluster["enableInTreeAutoscaling"] is True
+        for group in cluster["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+            assert group["minReplicas"] == 0 and group["maxReplicas"] >= 8  # idle GPUs go; 8 trials at most
+            container = group["template"]["spec"]["containers"][0]
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        # The Ray cluster (GPU pods included) is deleted shortly after the study ends.
+        assert spec["shutdownAfterJobFinishes"] is True and 0 <= spec["ttlSecondsAfterFinished"] <= 300
+        study = yaml.safe_load((ROOT / spec["entrypoint"].split()[-1]).read_text())
+        assert study["storage_path"].startswith("/mnt/cluster_storage")  # shared storage, as mounted
+
+
+def test_kuberay_volumes_and_the_documented_service_exist():
+    storage = load_yaml_documents(CLUSTER / "shared-storage.yaml")
+    classes = {d["metadata"]["name"]: d for d in storage if d["kind"] == "StorageClass"}
+    claims = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in storage
+              if d["kind"] == "PersistentVolumeClaim"}
+    for claim in claims.values():
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every node writes checkpoints
+        assert claim["spec"]["storageClassName"] in classes
+    assert all(c["reclaimPolicy"] == "Retain" for c in classes.values())  # a deleted claim keeps the study
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    for job in rayjob_documents():
+        namespace, cluster = job["metadata"]["namespace"], job["spec"]["rayClusterSpec"]
+        templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for template in templates:
+            for volume in template["spec"].get("volumes", []):
+                if "persistentVolumeClaim" in volume:
+                    assert (namespace, volume["persistentVolumeClaim"]["claimName"]) in claims, volume
+        # KubeRay names a RayJob's head Service `<rayjob>-head-svc` (utils.GenerateHeadServiceName).
+        forwarded = set(re.findall(r"port-forward svc/(\S+) 8265", docs))
+        assert forwarded == {f"{job['metadata']['name']}-head-svc"}, forwarded
 
 
 def test_mlflow_server_files_listen_inside_the_cluster_only():
-    docs = list(yaml.safe_load_all((ROOT / "infra" / "mlflow" / "mlflow-k8s.yaml").read_text()))
+    docs = load_yaml_documents(ROOT / "infra" / "mlflow" / "mlflow-k8s.yaml")
     services = [d for d in docs if d["kind"] == "Service"]
     assert services and all(s["spec"]["type"] == "ClusterIP" for s in services)
     serve = (ROOT / "infra" / "mlflow" / "serve.sh").read_text()
     assert '"${MLFLOW_HOST:-127.0.0.1}"' in serve and "postgresql" in serve
+
+
+def test_mlflow_server_gets_its_s3_credentials_from_a_secret():
+    docs = load_yaml_documents(ROOT / "infra" / "mlflow" / "mlflow-k8s.yaml")
+    (server,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+    env = {e["name"]: e for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_ARTIFACTS"]["value"].startswith("s3://")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"], name
 
 
 def test_container_installs_the_projects_own_lock():
