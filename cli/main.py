@@ -160,7 +160,7 @@ def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
         def search(task: str):
             return search_prune(run_dir, cfg, task, cfg.prune.search_runs, storage=run_dir / "prune_search",
-                                data=dataset.folder).best
+                                data=dataset.folder, device=args.device).best  # --device as given: the search picks
 
     with tracked_run(cfg.tracking, run_dir) as tracker:  # the run's own MLflow run, continued
         result = prune_run(run_dir, cfg, dataset, tracker, device=device, progress=not args.no_progress,

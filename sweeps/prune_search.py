@@ -4,6 +4,10 @@ The paper tuned every (model, task) with a Bayesian search (CARBS, 32 iterations
 4). This runs `budget` trials of `prune_task`: the first at the paper's search centres (the config's
 prune settings), the rest sampled around them (log-uniform, a decade each way; seeded), and keeps
 the circuit with the fewest edges among those that reach the target.
+
+Each trial prunes on a GPU of its own when the search runs on CUDA: given by the caller, or chosen when
+the Ray cluster has GPUs (the driver of `circuitscale prune` on a cluster runs on the CPU-only head, so
+its own `torch.cuda.is_available()` says nothing about where the trials run).
 """
 
 import math
@@ -11,6 +15,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import ray
 from ray import tune
 
 from pipeline.circuits import load_for_pruning
@@ -39,15 +44,31 @@ def search_space(cfg: ExperimentConfig) -> dict:
     return {key: tune.loguniform(value / 10, value * 10) for key, value in centres.items()}
 
 
+def search_device(device: str | None) -> str:
+    """`device` ("cpu" or "cuda") when given; else "cuda" when the Ray cluster has a GPU now. A cluster
+    whose GPU nodes are all scaled away shows none, so a caller that wants GPUs there says "cuda"."""
+    if device is None:
+        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: must be cpu or cuda for a pruning search, got {device!r}")
+    return device
+
+
+def trial_resources(device: str) -> dict[str, float]:
+    """What one pruning trial asks Ray for: a CPU, and on CUDA a GPU of its own (Ray then sets
+    CUDA_VISIBLE_DEVICES to it, so "cuda" in the trial is that GPU)."""
+    return {"cpu": 1, "gpu": 1} if device == "cuda" else {"cpu": 1}
+
+
 def _trial(config: dict) -> None:
-    cfg = config["cfg"]
+    cfg, device = config["cfg"], config["device"]
     prune_cfg = replace(cfg.prune, **{k: config[k] for k in SEARCHED})
     dataset = Dataset.open(config["data"])  # built by the caller: a search trial only opens it
-    model, tokenizer, means = load_for_pruning(Path(config["run_dir"]), cfg, dataset)
+    model, tokenizer, means = load_for_pruning(Path(config["run_dir"]), cfg, dataset, device)
     task = TASKS[config["task"]]
     train = encode_task(task, tokenizer, split="train", pairs=prune_cfg.pairs, seed=cfg.train.seed)
     test = encode_task(task, tokenizer, split="test", pairs=prune_cfg.pairs, seed=cfg.train.seed)
-    record = prune_task(model, train, test, means, prune_cfg, pad_id=eot_id(tokenizer),
+    record = prune_task(model, train, test, means, prune_cfg, pad_id=eot_id(tokenizer), device=device,
                         seed=cfg.train.seed)
     found = record.status == "found"
     record.save(Path(tune.get_context().get_trial_dir()) / RECORD)  # the full record beside the trial
@@ -55,16 +76,18 @@ def _trial(config: dict) -> None:
 
 
 def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *, storage: Path,
-                 data: Path) -> SearchResult:
+                 data: Path, device: str | None = None) -> SearchResult:
     """Run `budget` pruning trials for `task` on the trained model in `run_dir` (a local Ray by
-    default, the cluster when RAY_ADDRESS is set)."""
+    default, the cluster when RAY_ADDRESS is set), on `device` (search_device: None picks cuda when the
+    cluster has GPUs)."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV per trial
     init_ray(verbose=0)
+    device = search_device(device)
     centres = {key: getattr(cfg.prune, key) for key in SEARCHED}
     space = search_space(cfg) | {"cfg": cfg, "run_dir": str(run_dir.resolve()), "task": task,
-                                 "data": str(Path(data).resolve())}
+                                 "data": str(Path(data).resolve()), "device": device}
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": 1}),
+        tune.with_resources(_trial, trial_resources(device)),
         param_space=space,
         tune_config=tune.TuneConfig(
             num_samples=budget,

@@ -12,6 +12,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from urllib.parse import urlparse
 
 import jsonschema
 import pytest
@@ -282,6 +283,174 @@ def test_container_copies_every_package_and_its_package_data():
             rules = [r.strip() for r in ignore.read_text().splitlines() if r.strip() and not r.startswith("#")]
             assert not any(r.lstrip("/").split("/")[0] in packages or "templates" in r or r.endswith(".j2")
                            for r in rules if not r.startswith("!")), f"{ignore.name} excludes package files"
+
+
+def ray_cluster_commands(cfg: dict) -> dict[str, list[str]]:
+    return {key: value for key, value in cfg.items() if key.endswith("_commands")}
+
+
+def image_uid() -> int:
+    match = re.search(r"useradd .*-u (\d+) ray", (ROOT / "infra" / "docker" / "Dockerfile").read_text())
+    assert match, "the Dockerfile no longer makes the `ray` user"
+    return int(match.group(1))
+
+
+def test_container_has_rsync_for_the_cluster_launcher():
+    # `ray up` copies its bootstrap files into the running container with `rsync -e 'docker exec -i'`
+    # (DockerCommandRunner.run_init), so an image without rsync fails at the launcher's setup step.
+    dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    assert re.search(r"^FROM nvidia/cuda:\S+-ubuntu", dockerfile, re.M)  # apt is its package manager
+    installs = re.findall(r"apt-get install ([^&\n]+)", dockerfile)
+    assert any("rsync" in line.split() for line in installs), installs
+
+
+def test_ray_cluster_nodes_pin_an_ami_with_a_cuda_12_8_driver():
+    # Without ImageId the launcher uses its default DLAMI (Ubuntu 18.04 V71.0, a CUDA 11-era driver),
+    # which cannot run the image's CUDA 12.8.
+    text = (CLUSTER / "ray-cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    images = {name: node["node_config"].get("ImageId", "") for name, node in cfg["available_node_types"].items()}
+    assert all(image and image.lower() != "latest_dlami" for image in images.values()), images
+    assert len(set(images.values())) == 1, images  # one host OS for the whole cluster
+    assert re.search(r"FROM nvidia/cuda:12\.8", (ROOT / "infra" / "docker" / "Dockerfile").read_text())
+    # The operator fills the region's id: the file names the AMI family and the driver it needs.
+    assert "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)" in text and "R570" in text
+
+
+def test_ray_cluster_mounts_the_shared_storage_on_the_host_for_the_image_user():
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    commands = ray_cluster_commands(cfg)
+    # Every failure stops `ray up`: nothing swallows an exit status.
+    for key, values in commands.items():
+        for command in values:
+            assert not re.search(r"\|\|\s*(true|:)\s*($|;|&|\))", command), (key, command)
+    # The container bind-mounts the host's folder; only initialization_commands run on the host (the
+    # setup commands run inside the container, where `mount` does not reach the host).
+    assert "-v /mnt/cluster_storage:/mnt/cluster_storage" in cfg["docker"]["run_options"]
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert not any(re.search(r"\bmount\b", c) for c in commands.get(key, [])), key
+    host = commands["initialization_commands"]
+    (mount,) = [i for i, c in enumerate(host) if re.search(r"\bmount -t nfs4\b", c)]
+    # The EFS address is in the file: the launcher passes no variable of the operator's shell to the nodes.
+    region = cfg["provider"]["region"]
+    efs = rf'"\S+\.efs\.{region}\.amazonaws\.com:/" /mnt/cluster_storage$'
+    assert "$" not in host[mount] and re.search(efs, host[mount]), host[mount]
+    # A fresh EFS file system's root belongs to root; the image's user writes the study.
+    (chown,) = [i for i, c in enumerate(host) if "chown" in c and "/mnt/cluster_storage" in c]
+    assert chown > mount and f"chown {image_uid()}:{image_uid()} /mnt/cluster_storage" in host[chown]
+
+
+def test_vm_head_serves_mlflow_with_auth_on_the_address_the_gpu_nodes_use():
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    head, workers = cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]
+    # Started by a script in the image that reads its settings on the head and fails `ray up` when the
+    # server does not answer; not a bare background serve.sh with the laptop's (unset) variables.
+    (start,) = [c for c in head if "infra/mlflow/" in c]
+    script = re.search(r"/opt/circuitscale/(infra/mlflow/\S+\.sh)", start).group(1)
+    assert script != "infra/mlflow/serve.sh" and "&" not in start.replace("&&", "")
+    text = (ROOT / script).read_text()
+    assert "set -euo pipefail" in text
+    # The settings files it reads are copied to the nodes; every `ray start` (so the driver and every
+    # trial) gets the MLflow login from the first one.
+    for name in ("mlflow.env", "mlflow-server.env"):
+        assert f"/home/ray/.circuitscale/{name}" in cfg["file_mounts"] and name in text
+    for command in [c for c in head + workers if "ray start" in c]:
+        assert re.search(r"set -a && \. /home/ray/\.circuitscale/mlflow\.env && set \+a && .*ray start", command)
+    # It binds Ray's node address (the one workers know as $RAY_HEAD_IP), lists it with the port in
+    # --allowed-hosts, and makes the admin account from that login.
+    node_ip = "address=$(python -c 'import ray.util; print(ray.util.get_node_ip_address())')"
+    assert node_ip in text.splitlines()
+    assert 'MLFLOW_HOST="$address"' in text and 'MLFLOW_ALLOWED_HOSTS="$address:$port,' in text
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in text
+    # The study is pointed at that address, never at the head's loopback (a GPU node's own loopback).
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    uris = re.findall(r"study\.tracking_uri=(\S+)", docs)
+    assert uris and all("127.0.0.1" not in u and "localhost" not in u for u in uris), uris
+
+
+def test_mlflow_server_script_turns_basic_auth_on_and_fails_without_its_settings(tmp_path, monkeypatch):
+    """serve.sh run with `mlflow` stubbed out: the arguments it passes, and the auth config it writes read
+    back by MLflow's own reader."""
+    import importlib.util
+
+    import mlflow
+
+    # MLflow's reader of the auth config, loaded from its file: the package mlflow.server.auth imports
+    # Flask-WTF, which the image installs (infra/mlflow/requirements.txt) and this environment need not.
+    spec = importlib.util.spec_from_file_location(
+        "mlflow_auth_config", Path(mlflow.__file__).parent / "server" / "auth" / "config.py")
+    auth_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(auth_config)
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "mlflow").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$OUT/args"\nenv > "$OUT/env"\n')
+    (stub / "mlflow").chmod(0o755)
+    uri = "postgresql://mlflow:p%40ss@db:5432/mlflow"  # a URL-encoded password: '%' is configparser syntax
+    settings = {"MLFLOW_BACKEND_URI": uri, "MLFLOW_ARTIFACTS": "s3://bucket/mlflow",
+                "MLFLOW_ALLOWED_HOSTS": "mlflow.circuitscale.svc:5000", "MLFLOW_AUTH_ADMIN_USERNAME": "circuitscale",
+                "MLFLOW_AUTH_ADMIN_PASSWORD": "0123456789abcdef"}
+    env = {"PATH": f"{stub}:{BIN}:/usr/bin:/bin", "OUT": str(tmp_path), "TMPDIR": str(tmp_path)}
+    serve = str(ROOT / "infra" / "mlflow" / "serve.sh")
+    subprocess.run(["bash", serve], env=env | settings, check=True, timeout=60)
+    args = (tmp_path / "args").read_text().split("\n")
+    assert args[:3] == ["server", "--app-name", "basic-auth"]
+    assert args[args.index("--allowed-hosts") + 1] == "mlflow.circuitscale.svc:5000"
+    served = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    assert served["MLFLOW_AUTH_ADMIN_PASSWORD"] == "0123456789abcdef" and served["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", served["MLFLOW_AUTH_CONFIG_PATH"])
+    # the users live in the runs' database, not in a file inside the pod
+    assert auth_config.read_auth_config().database_uri == uri
+    for name in settings:  # each one missing stops the script before the server starts
+        (tmp_path / "args").unlink(missing_ok=True)
+        missing = subprocess.run(["bash", serve], env=env | {k: v for k, v in settings.items() if k != name},
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode != 0 and name in missing.stderr and not (tmp_path / "args").exists(), name
+
+
+def test_mlflow_image_has_what_the_basic_auth_app_imports():
+    from importlib.metadata import requires
+
+    auth = [r.split(";")[0].strip() for r in requires("mlflow") if 'extra == "auth"' in r]
+    assert auth, "the installed MLflow has no auth extra"
+    pinned = {re.split(r"[=<>]", line)[0].lower().replace("_", "-")
+              for path in (ROOT / "infra" / "mlflow" / "requirements.txt", ROOT / "requirements.lock")
+              for line in path.read_text().splitlines() if line and not line.startswith("#")}
+    for requirement in auth:  # e.g. Flask-WTF<2
+        assert re.split(r"[=<>!~ ]", requirement)[0].lower().replace("_", "-") in pinned, requirement
+
+
+def test_kubernetes_mlflow_accepts_its_service_names_and_every_ray_pod_logs_in():
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    docs = load_yaml_documents(ROOT / "infra" / "mlflow" / "mlflow-k8s.yaml")
+    (server,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+    env = {e["name"]: e for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    allowed = [h.strip() for h in env["MLFLOW_ALLOWED_HOSTS"]["value"].split(",")]
+    # What the pods send (paper.yaml's URI; the RayJob runs that study) and the port-forward, checked with
+    # MLflow's own Host-header matcher; a name it does not list gets 403 on every API call.
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow"]
+    namespace, port = service["metadata"]["namespace"], service["spec"]["ports"][0]["port"]
+    for job in rayjob_documents():
+        study = yaml.safe_load((ROOT / job["spec"]["entrypoint"].split()[-1]).read_text())
+        host = urlparse(study["tracking_uri"]).netloc
+        assert host == f"mlflow.{namespace}.svc:{port}" and is_allowed_host_header(allowed, host), host
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"mlflow.{namespace}.svc.cluster.local:{port}"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, f"mlflow.example.com:{port}")
+    # The admin account comes from a Secret, and every Ray container sends the same pair as MLflow's
+    # client variables (the driver runs on the head, the trials on the workers).
+    login = {}
+    for server_name, client_name in (("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+                                     ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD")):
+        assert "value" not in env[server_name], server_name
+        login[client_name] = env[server_name]["valueFrom"]["secretKeyRef"]
+    for job in rayjob_documents():
+        cluster = job["spec"]["rayClusterSpec"]
+        templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for template in templates:
+            for container in template["spec"]["containers"]:
+                sent = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container.get("env", [])}
+                assert all(sent.get(name) == ref for name, ref in login.items()), container["name"]
 
 
 def free_port() -> int:

@@ -45,6 +45,67 @@ def test_best_of_keeps_the_smallest_found_circuit_then_a_direct_one():
     assert best_of([done[0]]) == (None, {}) and best_of([]) == (None, {})
 
 
+@pytest.mark.parametrize(("cluster", "device"), [({"CPU": 96.0, "GPU": 8.0}, "cuda"), ({"CPU": 4.0}, "cpu")])
+def test_search_trials_prune_on_a_gpu_of_their_own_when_the_cluster_has_gpus(monkeypatch, tmp_path, cluster, device):
+    """No GPU here: what is checked is what each Tune trial asks Ray for and the device its pruning gets."""
+    import ray
+    from ray import tune
+
+    from pipeline.records import CircuitRecord
+    from sweeps import prune_search
+
+    asked, seen = {}, {}
+
+    class Tuner:  # records the trial and its search space instead of running them
+        def __init__(self, trainable, *, param_space, **_):
+            asked["trainable"], asked["space"] = trainable, param_space
+
+        def fit(self):
+            return []
+
+    monkeypatch.setattr(prune_search, "init_ray", lambda verbose: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.setattr(tune, "with_resources",
+                        lambda trainable, resources: asked.update(resources=resources) or trainable)
+    cfg = resolve_config(None, [])
+    prune_search.search_prune(tmp_path / "run", cfg, "if_equals", 2, storage=tmp_path / "tune", data=tmp_path / "data")
+    assert asked["resources"] == ({"cpu": 1, "gpu": 1} if device == "cuda" else {"cpu": 1})
+    assert asked["space"]["device"] == device
+
+    def load_for_pruning(run_dir, cfg, dataset, device="cpu"):
+        seen["load"] = device
+        return "model", "tokenizer", "means"
+
+    def prune_task(model, train, test, means, cfg, *, pad_id, device="cpu", seed=0, progress=False):
+        seen["prune"] = device
+        return CircuitRecord(task="if_equals", target_loss=0.15, unpruned_loss=0.1, total_nodes=9, status="direct")
+
+    class Context:
+        def get_trial_dir(self):
+            return str(tmp_path)
+
+    monkeypatch.setattr(prune_search, "Dataset", type("Dataset", (), {"open": staticmethod(lambda path: None)}))
+    monkeypatch.setattr(prune_search, "load_for_pruning", load_for_pruning)
+    monkeypatch.setattr(prune_search, "encode_task", lambda *args, **kwargs: None)
+    monkeypatch.setattr(prune_search, "eot_id", lambda tokenizer: 0)
+    monkeypatch.setattr(prune_search, "prune_task", prune_task)
+    monkeypatch.setattr(tune, "get_context", Context)
+    monkeypatch.setattr(tune, "report", lambda metrics: None)
+    config = {k: v for k, v in asked["space"].items() if k not in prune_search.SEARCHED}
+    asked["trainable"](config | {k: getattr(cfg.prune, k) for k in prune_search.SEARCHED})
+    assert seen == {"load": device, "prune": device}  # the model, its node means and the masks: all on it
+    assert (tmp_path / prune_search.RECORD).is_file()
+
+
+def test_search_device_takes_cpu_or_cuda_only():
+    from sweeps.prune_search import search_device
+
+    assert search_device("cuda") == "cuda" and search_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        search_device("cuda:1")
+
+
 @pytest.mark.slow
 def test_prune_verb_searches_when_asked(small_dataset, small_corpus, tmp_path, capsys):
     from cli.main import main
