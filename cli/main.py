@@ -81,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides for every trial")
     study.add_argument("-v", "--verbose", action="count", default=1, help="more of Ray's output (-vv: worker logs)")
     study.set_defaults(run_raw=run_study)
+    plan = verbs.add_parser("plan", help="price a study before it runs: FLOPs, memory per rank, GPU-hours, cost",
+                            usage="circuitscale plan [--gpu a100|h100] [--price USD] [--mfu F] SWEEP.yaml "
+                                  "[KEY=VALUE ...]")
+    plan.add_argument("sweep", metavar="SWEEP.yaml", help="the study file (e.g. sweeps/paper.yaml)")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, as `study` takes them")
+    plan.add_argument("--gpu", default="h100", help="a100 or h100 (80 GB SXM cards; default h100)")
+    plan.add_argument("--price", metavar="USD", help="USD per GPU-hour (default: an assumed $2 for a100, $3 for "
+                                                     "h100, labelled as such)")
+    plan.add_argument("--mfu", metavar="F", help="model FLOPs utilization in (0, 1], e.g. measured (default: an "
+                                                 "assumed 0.3, labelled as such)")
+    plan.set_defaults(run_raw=run_plan)
     report = verbs.add_parser("report", help="(re)write a study's report and figures from its trial records")
     report.add_argument("study", metavar="STUDY", help="a study folder (runs/studies/<name>)")
     report.set_defaults(run_raw=run_report)
@@ -195,6 +206,18 @@ def run_study(args: argparse.Namespace) -> int:
     result = study(args.sweep, args.overrides, verbose=args.verbose, report=_study_report)
     headline = json.loads((result.folder / "report" / "headline.json").read_text())
     print(json.dumps({k: headline[k] for k in ("wall_s", "overhead_ratio", "sparse_dense_edge_ratio")}))
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from sweeps.plan import format_plan, plan_study, summary  # on use: see the imports
+
+    bad = [x for x in args.overrides if "=" not in x]
+    if bad:
+        raise ConfigError(f"plan: overrides must be KEY=VALUE, got {bad}")
+    plan = plan_study(args.sweep, args.overrides, gpu=args.gpu, mfu=args.mfu, price=args.price)
+    print(format_plan(plan))
+    print(json.dumps(summary(plan)))
     return 0
 
 
