@@ -20,7 +20,7 @@ from model.config import ModelConfig, abstopk_k, location_width
 from model.gpt import GPT
 from model.sparsity import density_for, sparse_tensors
 from pipeline.config import ExperimentConfig
-from pipeline.train import schedule_at
+from pipeline.train import schedule_at, tokens_per_step
 from pipeline.trial import engine_kind
 
 EngineKind = Literal["torch", "deepspeed"]  # pipeline.trial.engine_kind's answer
@@ -90,9 +90,9 @@ def trial_engine(cfg: ExperimentConfig, workers: int) -> tuple[EngineKind, Preci
     return engine, cfg.deepspeed.precision if engine == "deepspeed" else "fp32"
 
 
-def tokens_per_step(cfg: ExperimentConfig, workers: int) -> int:
-    """pipeline/train.py's tokens_per_step: train.batch_size is per worker, times accumulation and workers."""
-    return cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context_length * workers
+def trial_tokens_per_step(cfg: ExperimentConfig, workers: int) -> int:
+    """The trial's tokens per optimizer step on `workers` workers (pipeline/train.py's own count)."""
+    return tokens_per_step(cfg.train, cfg.model.context_length, workers)
 
 
 def memory_per_rank(cfg: ExperimentConfig, counts: ParamCount, workers: int, engine: EngineKind) -> Memory:

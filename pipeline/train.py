@@ -50,6 +50,11 @@ def schedule_at(step: int, train: TrainConfig, sparsity: SparsityConfig) -> Sche
     )
 
 
+def tokens_per_step(train: TrainConfig, context_length: int, workers: int) -> int:
+    """Tokens one optimizer step trains on: train.batch_size is per worker, times accumulation and workers."""
+    return train.batch_size * train.grad_accum * context_length * workers
+
+
 def build_optimizer(
     model: nn.Module, tensors: list[SparseTensor], train: TrainConfig, sparsity: SparsityConfig
 ) -> SparseAdam:
@@ -154,7 +159,7 @@ def train(
     model, tensors, engine, loader, val = setup.model, setup.tensors, setup.engine, setup.loader, setup.val
     lead = engine.rank == 0
     start = restore(run_dir / "checkpoints", engine, log)
-    tokens_per_step = t.batch_size * t.grad_accum * model.cfg.context_length * engine.world_size
+    step_tokens = tokens_per_step(t, model.cfg.context_length, engine.world_size)
     state = None  # the full state of the last checkpoint, reused as the final state
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="training", disable=not progress)
     for step in bar:
@@ -164,7 +169,7 @@ def train(
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLoss(f"loss became {stats['loss']} at step {step + 1}")
         metrics = {"train_loss": stats["loss"], "lr": stats["lr"], "density": stats["density"],
-                   "grad_rms": stats["grad_rms"], "tokens_per_s": tokens_per_step / (time.perf_counter() - tick)}
+                   "grad_rms": stats["grad_rms"], "tokens_per_s": step_tokens / (time.perf_counter() - tick)}
         done = step + 1
         if done % t.eval_every == 0 or done == t.steps:
             metrics |= _evaluation(model, tensors, val, t.eval_batches, device)

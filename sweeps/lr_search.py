@@ -34,6 +34,12 @@ def rung_steps(total: int, budget: float, eta: int, rung: int) -> int:
     return max(1, min(total, math.ceil(total * budget * eta**rung)))
 
 
+def survivors(count: int, steps: int, total: int, eta: int) -> int:
+    """How many of a point's `count` rates a rung of `steps` (of `total`) keeps: the best 1/eta, at least
+    one; only one once the rung trained the full budget."""
+    return 1 if steps >= total else max(1, math.ceil(count / eta))
+
+
 def candidate_config(cfg: ExperimentConfig, lr: float, steps: int, run_dir: Path) -> ExperimentConfig:
     """The point's config trained at `lr` for `steps` steps in `run_dir`, evaluated at its end."""
     train = dataclasses.replace(cfg.train, lr=lr, steps=steps, run_dir=str(run_dir),
@@ -86,7 +92,7 @@ def search_lrs(study: StudyConfig, trials: dict[str, tuple[TrialSpec, Experiment
                                                           for lr, v in by_lr.items()},
                                 "failed": sorted(f"{owner[c][1]:g}" for c in mine if c in failed)})
             ranked = sorted(by_lr, key=lambda lr: (by_lr[lr], lr))
-            keep = 1 if steps >= points[name].train.steps else max(1, math.ceil(len(ranked) / search.eta))
+            keep = survivors(len(ranked), steps, points[name].train.steps, search.eta)
             alive[name] = ranked[:keep]
             done &= keep == 1
         rung += 1

@@ -32,11 +32,11 @@ from pipeline.cost import (
     Precision,
     count_params,
     memory_per_rank,
-    tokens_per_step,
     trial_engine,
+    trial_tokens_per_step,
 )
 from pipeline.errors import UserError
-from sweeps.lr_search import rung_steps
+from sweeps.lr_search import rung_steps, survivors
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
 
@@ -157,7 +157,7 @@ def plan_trial(spec: TrialSpec, study: StudyConfig, gpu: GpuSpec, mfu: float, pr
                counts: ParamCount) -> TrialPlan:
     cfg, workers = spec.config, study.workers
     engine, precision = trial_engine(cfg, workers)
-    tokens = cfg.train.steps * tokens_per_step(cfg, workers)
+    tokens = cfg.train.steps * trial_tokens_per_step(cfg, workers)
     flops = 6 * counts.dense * tokens
     hours = gpu_hours(flops, gpu, precision, mfu)
     return TrialPlan(spec=spec, counts=counts, engine=engine, precision=precision, tokens=tokens, flops=flops,
@@ -180,7 +180,7 @@ def lr_search_steps(study: StudyConfig, steps: dict[str, int]) -> dict[str, list
         for name, count in alive.items():
             length = rung_steps(steps[name], search.budget, search.eta, rung)
             runs[name] += [length] * count
-            alive[name] = 1 if length >= steps[name] else max(1, math.ceil(count / search.eta))
+            alive[name] = survivors(count, length, steps[name], search.eta)
             done &= alive[name] == 1
         rung += 1
     return runs
@@ -188,7 +188,7 @@ def lr_search_steps(study: StudyConfig, steps: dict[str, int]) -> dict[str, list
 
 def plan_search(trial: TrialPlan, runs: list[int], study: StudyConfig, gpu: GpuSpec, mfu: float,
                 price: float) -> SearchPlan:
-    tokens = sum(runs) * tokens_per_step(trial.spec.config, study.workers)
+    tokens = sum(runs) * trial_tokens_per_step(trial.spec.config, study.workers)
     flops = 6 * trial.counts.dense * tokens
     hours = gpu_hours(flops, gpu, trial.precision, mfu)
     return SearchPlan(trial=trial, runs=len(runs), steps=sum(runs), tokens=tokens, flops=flops,
