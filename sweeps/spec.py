@@ -65,6 +65,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     """Read a sweep YAML and expand it; `overrides` (dotlist) apply to every trial, except those
     starting with `study.`, which set the study's own keys (`study.storage_path=/tmp/s`)."""
     path = Path(path)
+    bad = [x for x in overrides or [] if "=" not in x]
+    if bad:  # `circuitscale study` and `plan` take the sweep, then only KEY=VALUE
+        raise ConfigError(f"{path}: overrides must be KEY=VALUE, got {bad}")
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:
