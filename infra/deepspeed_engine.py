@@ -122,21 +122,34 @@ class DeepSpeedEngine:
             self.sparse.project_(p, full, lr)
             self._set_weight(p, full)
 
-    def full_state(self) -> dict[str, torch.Tensor]:
+    def full_state(self, *, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """The full state on rank 0 and {} on the others (unless `every_rank`). Under ZeRO each tensor is
+        gathered by a collective in which every rank takes part; a rank other than 0 drops each gathered
+        tensor at once, so at the paper's widths it holds one parameter's full copy at a time, not the
+        whole model and both Adam moments (about 19.5 GB per rank at ef 16)."""
+        keep = every_rank or self.rank == 0
         tensors: dict[str, torch.Tensor] = {}
         step = self._step_count()
         for name, p in self.names:
             if self.stage == 0:
+                if not keep:
+                    continue  # no collective at stage 0: each rank holds the whole model already
                 tensors[f"model/{name}"] = p.detach().clone()
                 state = self.sparse.state.get(p, {})
                 moments = {k: state[k] for k in _MOMENTS if k in state}
             else:
-                tensors[f"model/{name}"] = self._utils.safe_get_full_fp32_param(p)
+                weight = self._utils.safe_get_full_fp32_param(p)
                 moments = {k: self._utils.safe_get_full_optimizer_state(p, k) for k in _MOMENTS} if step else {}
+                if not keep:
+                    del weight, moments
+                    continue
+                tensors[f"model/{name}"] = weight
             for key, value in moments.items():
                 tensors[f"optim/{name}/{key}"] = value
             if step:
                 tensors[f"optim/{name}/step"] = torch.tensor(float(step), dtype=torch.float64)
+        if not keep:
+            return {}
         params = {n for n, _ in self.names}
         for key, value in self.module.state_dict().items():
             if key not in params:  # persistent buffers (a fixed bigram table)

@@ -31,8 +31,9 @@ class Engine(Protocol):
         """Normalize, update, project and decay; returns grad_rms and phase timings."""
         ...
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor a bit-exact resume needs (a collective under DeepSpeed: call on all ranks)."""
+    def full_state(self, *, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor a bit-exact resume needs, on rank 0 ({} on the others unless `every_rank`); a
+        collective under DeepSpeed: call it on all ranks."""
         ...
 
     def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -61,7 +62,7 @@ class TorchEngine:
         self.attach_masks(self.optimizer.masks)
         return {"grad_rms": self.optimizer.grad_rms, **self.optimizer.timings}
 
-    def full_state(self) -> dict[str, torch.Tensor]:
+    def full_state(self, *, every_rank: bool = False) -> dict[str, torch.Tensor]:
         tensors = {f"model/{k}": v for k, v in self.module.state_dict().items()}
         names = {p: n for n, p in self.module.named_parameters()}
         for p, state in self.optimizer.state.items():

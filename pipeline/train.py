@@ -139,7 +139,7 @@ class TrainResult:
     steps: int
     resumed_from: int  # step of the checkpoint it started from, 0 for a fresh run
     final: dict[str, float]
-    state: dict[str, torch.Tensor]  # the final full state (engine-agnostic layout)
+    state: dict[str, torch.Tensor]  # the final full state (engine-agnostic layout) on rank 0; {} on other ranks
 
 
 def train(
@@ -153,14 +153,16 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_checkpoint: Callable[[], object] | None = None,
 ) -> TrainResult:
     """Train (or resume) under `run_dir` on this process's rank of the engine; raises NonFiniteLoss on a
-    NaN/inf loss. Rank 0 writes checkpoints (with `checkpoint_meta`); metrics go to `tracker`."""
+    NaN/inf loss. Rank 0 writes checkpoints (with `checkpoint_meta`) and calls `on_checkpoint` after each
+    (a study with URI storage pushes the run folder there); metrics go to `tracker`."""
     model, tensors, engine, loader, val = setup.model, setup.tensors, setup.engine, setup.loader, setup.val
     lead = engine.rank == 0
     start = restore(run_dir / "checkpoints", engine, log)
     step_tokens = tokens_per_step(t, model.cfg.context_length, engine.world_size)
-    state = None  # the full state of the last checkpoint, reused as the final state
+    state = None  # the full state of the final checkpoint (rank 0; {} elsewhere), reused as the final state
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="training", disable=not progress)
     for step in bar:
         tick = time.perf_counter()
@@ -176,9 +178,13 @@ def train(
         tracker.log_metrics(metrics, done)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if done % t.checkpoint_every == 0 or done == t.steps:
-            state = engine.full_state()  # a collective under DeepSpeed: every rank takes part
+            state = engine.full_state()  # a collective under DeepSpeed: every rank takes part, rank 0 keeps it
             if lead:
                 save_checkpoint(run_dir / "checkpoints", done, state, checkpoint_meta, keep=t.keep_checkpoints)
+                if on_checkpoint is not None:
+                    on_checkpoint()
+            if done < t.steps:
+                state = None  # held only while saving: never across steps, nor beside the next one
     final = _evaluation(model, tensors, val, t.eval_batches, device)
     final["residual_kurtosis"] = residual_kurtosis(model, val.batch(0).to(device))
     final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak

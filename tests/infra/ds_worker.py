@@ -49,12 +49,15 @@ def check_zeros_survive(stage: int, out: str) -> None:
             continue  # step 0 is dense: the anneal starts there
         for t in tensors:
             master = t.param.detach() if stage == 0 else safe_get_full_fp32_param(t.param)
-            module = engine.full_state()[f"model/{t.name}"] if stage == 3 else t.param.detach()
+            module = engine.full_state(every_rank=True)[f"model/{t.name}"] if stage == 3 else t.param.detach()
             k = keep_count(t.param.numel() if stage != 3 else master.numel(), 1 / 16)
             assert int(master.count_nonzero()) == k, (stage, step, t.name, int(master.count_nonzero()), k)
             assert torch.equal(module.reshape(master.shape), master), (stage, step, t.name)
         report.append(step)
+    state = engine.full_state()  # gathered to rank 0 only: the other ranks keep nothing
+    assert (len(state) > 0) == (rank == 0), (rank, len(state))
     if rank == 0:
+        assert all(f"model/{t.name}" in state for t in tensors)
         Path(out).write_text(json.dumps({"stage": stage, "steps": report, "world": world}))
 
 
