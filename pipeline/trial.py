@@ -111,7 +111,8 @@ def run_trial(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = Tr
 
 
 def trial_rank(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = False, prune: bool = True,
-               data: Path | None = None, log: Callable[[str], None] = print) -> dict[str, float] | None:
+               data: Path | None = None, log: Callable[[str], None] = print,
+               on_checkpoint: Callable[[], object] | None = None) -> dict[str, float] | None:
     """One rank of the trial (RANK / WORLD_SIZE from the launcher, or a world of one). Every rank trains;
     rank 0 owns the MLflow run and its status, exports, scores the tasks, prunes (with `prune`) and writes
     the trial record last. Returns the final metrics on rank 0 (and on every rank of a finished trial),
@@ -136,7 +137,7 @@ def trial_rank(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = F
         setup = build_training(cfg, dataset, device)
         result = train(setup, cfg.train, cfg.sparsity, run_dir, tracker,
                        checkpoint_meta={"config": config_to_yaml(cfg)}, device=device, progress=progress and lead,
-                       log=say)
+                       log=say, on_checkpoint=on_checkpoint)
         if not lead:
             return None
         model = GPT(cfg.model, setup.model.vocab_size)  # a plain copy for export, whatever the sharding

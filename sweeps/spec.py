@@ -50,7 +50,10 @@ class StudyConfig:
     max_failures: int = 2  # worker failures a trial survives (it resumes from its last checkpoint)
     prune: bool = True  # prune the tasks (prune.* overrides set the budget) after training
     tracking_uri: str | None = None  # None: sqlite:///<study folder>/mlflow.db
-    storage_path: str = "runs/studies"  # the study folder is <storage_path>/<name>
+    # the study folder is <storage_path>/<name>; a URI (s3://bucket/studies, gs://, file://, any filesystem
+    # pyarrow opens) is mirrored from the local working folder <local_dir>/<name> (infra/storage.py)
+    storage_path: str = "runs/studies"
+    local_dir: str = "runs/studies"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Run a study: a Ray Tune grid of trials, each a Ray Train `TorchTrainer` (DeepSpeed inside when a
 trial has several workers), then the analysis report.
 
-Layout of a study folder (`<storage_path>/<name>/`):
+Layout of a study folder (`<storage_path>/<name>/`; when `storage_path` is a URI such as s3://bucket/studies,
+the study runs in `<local_dir>/<name>/` and every file is mirrored to the URI, infra/storage.py):
   study.yaml           the sweep file as given, and `overrides.txt` the command-line overrides
   mlflow.db            the MLflow store when the study names no tracking URI
   mlflow_run.json      the study's parent MLflow run (trials are nested child runs)
@@ -20,6 +21,7 @@ ones resume from their checkpoints, and each keeps its one MLflow child run.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -31,15 +33,17 @@ from pathlib import Path
 
 import ray
 import torch
+from filelock import FileLock
 from ray import tune
 from ray.train import FailureConfig, ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from infra.storage import Mirror, is_uri
 from infra.tracking import tracked_run, tracking_uri
 from pipeline.config import ExperimentConfig
-from pipeline.data import build_data
+from pipeline.data import MANIFEST, build_data
 from pipeline.errors import UserError
 from pipeline.records import LR_SEARCH_FILE, TRIAL_FILE
 from pipeline.trial import trial_rank
@@ -62,7 +66,19 @@ class StudyResult:
 
 
 def study_folder(study: StudyConfig) -> Path:
-    return Path(study.storage_path).expanduser().resolve() / study.name
+    """The study's local folder: `<storage_path>/<name>`, or `<local_dir>/<name>` when storage is a URI."""
+    root = study.local_dir if is_uri(study.storage_path) else study.storage_path
+    return Path(root).expanduser().resolve() / study.name
+
+
+def study_mirror(study: StudyConfig) -> Mirror | None:
+    """Where a study with a URI `storage_path` keeps its files (None: the local folder is the storage)."""
+    return Mirror.open(study.storage_path).child(study.name) if is_uri(study.storage_path) else None
+
+
+# what the driver leaves to others when it pushes the study folder: the trials' and LR candidates' own
+# folders (their rank 0 pushes them) and Ray's experiment state (Ray writes it to the URI itself)
+_DRIVER_SKIPS = ("trials", "lr_search", "ray", "train")
 
 
 def trial_configs(study: StudyConfig, trials: list[TrialSpec], folder: Path, uri: str, parent: str
@@ -88,28 +104,49 @@ def _worker_loop(config: dict) -> None:
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the GPU Ray gave this worker
     cfg = config["cfg"]
-    if ray.train.get_context().get_world_rank() == 0:  # where the trial ran (the cluster rehearsal checks it)
+    folder = Path(cfg.train.run_dir)
+    lead = ray.train.get_context().get_world_rank() == 0
+    mirror = Mirror.open(config["mirror"][0]).child(*config["mirror"][1]) if config["mirror"] else None
+    if mirror is not None:  # resume from what any node pushed; the ranks on one node pull once
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{folder}.pull.lock"):
+            mirror.pull(folder)
+    if lead:  # where the trial ran (the cluster rehearsal checks it)
         context = ray.get_runtime_context()
-        folder = Path(cfg.train.run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PLACEMENT).write_text(json.dumps({"node_id": context.get_node_id(),
                                                     "node_ip": ray.util.get_node_ip_address()}))
-    final = trial_rank(cfg, device=device, prune=config["prune"], log=lambda _: None)
+    push = functools.partial(mirror.push, folder) if mirror is not None and lead else None
+    data = Path(config["data"])  # built once by the driver: this rank only opens its manifest
+    if not (data / MANIFEST).is_file():
+        raise UserError(f"the study's dataset {data} is not on node {ray.util.get_node_ip_address()}: "
+                        "data.cache_dir must be on storage every node mounts (docs/cluster.md, shared storage)")
+    try:
+        final = trial_rank(cfg, device=device, prune=config["prune"], data=data, log=lambda _: None,
+                           on_checkpoint=push)
+    finally:  # finished or failed, the run folder (MLflow run id, checkpoints, record) reaches the storage
+        if push is not None:
+            push()
     ray.train.report(final or {})  # (never a `done` key: Tune would stop the trial before Train cleans up)
 
 
-def _trial(config: dict, configs: dict, study: StudyConfig, folder: str, prune: bool) -> None:
+def _trial(config: dict, configs: dict, datasets: dict[str, str], study: StudyConfig, folder: str, prune: bool
+           ) -> None:
     """The Tune trainable: fit the trial's TorchTrainer (its metrics come back via TuneReportCallback)."""
     name = config["trial"]
     cfg = configs[name]
     gpus = study.gpus_per_worker
+    # with URI storage, the run folder's copy there: (the URI, the path under it)
+    mirror = (study.storage_path, [study.name, *Path(cfg.train.run_dir).relative_to(folder).parts]) \
+        if is_uri(study.storage_path) else None
     resources = {"CPU": study.cpus_per_worker} | ({"GPU": gpus} if gpus else {}) | dict(study.worker_resources)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg, "gpus": gpus, "prune": prune},
+        train_loop_config={"cfg": cfg, "gpus": gpus, "prune": prune, "data": datasets[_data_key(cfg.data)],
+                           "mirror": mirror},
         scaling_config=ScalingConfig(num_workers=study.workers, use_gpu=gpus > 0, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
-        run_config=TrainRunConfig(name=name, storage_path=str(Path(folder) / "train"),
+        run_config=TrainRunConfig(name=name, storage_path=_ray_storage(study, Path(folder), "train"),
                                   failure_config=FailureConfig(max_failures=study.max_failures),
                                   callbacks=[TuneReportCallback()]),
     )
@@ -122,10 +159,22 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, report: R
     The study's parent MLflow run ends FINISHED, FAILED (trials failed) or KILLED (interrupted)."""
     start = time.perf_counter()
     study, trials = load_study(path, overrides)
-    folder = study_folder(study)
+    folder, mirror = study_folder(study), study_mirror(study)
+    if mirror is not None:  # a rerun elsewhere: the MLflow store, parent run and records come back first
+        mirror.pull(folder, exclude=("checkpoints", "ray", "train"))
     (folder / "trials").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, folder / "study.yaml")
     (folder / "overrides.txt").write_text("\n".join(overrides or []) + "\n", encoding="utf-8")
+    try:
+        return _run(study, trials, folder, report=report, log=log, verbose=verbose, start=start)
+    finally:  # the driver's part of the folder reaches the storage however the study ended
+        if mirror is not None:
+            mirror.push(folder, exclude=_DRIVER_SKIPS)
+            log(f"study folder mirrored to {mirror.uri}")
+
+
+def _run(study: StudyConfig, trials: list[TrialSpec], folder: Path, *, report: ReportFn, log, verbose: int,
+         start: float) -> StudyResult:
     uri = study.tracking_uri or tracking_uri(dataclasses.replace(trials[0].config.tracking, uri=None), folder)
     tracking = dataclasses.replace(trials[0].config.tracking, uri=uri, experiment=study.name,
                                    tags={"study": study.name, "kind": "study"})
@@ -135,12 +184,10 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, report: R
             + (" (resumed)" if parent.resumed else ""))
         parent.log_artifact(folder / "study.yaml")
         configs = trial_configs(study, trials, folder, uri, parent.run_id)
-        for data_cfg in {json.dumps(dataclasses.asdict(c.data), sort_keys=True): c.data for c in configs.values()
-                         }.values():
-            build_data(data_cfg, progress=verbose > 0)  # once, before the trials share its cache
+        configs, datasets = _with_built_data(configs, verbose)
         if study.lr_search.lrs:
-            configs = _with_searched_lrs(study, trials, configs, folder, verbose, parent, log)
-        results, failed = _fit(study, configs, folder, verbose, name=study.name, prune=study.prune)
+            configs = _with_searched_lrs(study, trials, configs, datasets, folder, verbose, parent, log)
+        results, failed = _fit(study, configs, datasets, folder, verbose, name=study.name, prune=study.prune)
         unfinished = [n for n in configs if n not in failed and not (folder / "trials" / n / TRIAL_FILE).is_file()]
         if unfinished:  # Tune returns after Ctrl-C with the experiment saved: the study is interrupted
             log(f"study {study.name} interrupted with {len(unfinished)} trial(s) unfinished; "
@@ -158,13 +205,33 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, report: R
     return StudyResult(folder, uri, parent.run_id, results, failed, wall)
 
 
+def _data_key(data) -> str:
+    return json.dumps(dataclasses.asdict(data), sort_keys=True)
+
+
+def _with_built_data(configs: dict[str, ExperimentConfig], verbose: int
+                     ) -> tuple[dict[str, ExperimentConfig], dict[str, str]]:
+    """Build each distinct dataset once, here on the driver, into `data.cache_dir` made absolute (so every
+    rank on every node names the same folder: on a cluster, storage every node mounts). Returns the
+    configs with that absolute cache_dir, and the built folder per data config (`_data_key`): the trials'
+    ranks only open its manifest, never the corpus."""
+    out, datasets = {}, {}
+    for name, cfg in configs.items():
+        data = dataclasses.replace(cfg.data, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()))
+        if _data_key(data) not in datasets:
+            datasets[_data_key(data)] = str(build_data(data, progress=verbose > 0).dataset.folder)
+        out[name] = dataclasses.replace(cfg, data=data)
+    return out, datasets
+
+
 def _with_searched_lrs(study: StudyConfig, trials: list[TrialSpec], configs: dict[str, ExperimentConfig],
-                       folder: Path, verbose: int, parent, log) -> dict[str, ExperimentConfig]:
+                       datasets: dict[str, str], folder: Path, verbose: int, parent, log
+                       ) -> dict[str, ExperimentConfig]:
     """The trials' configs at the LR the search chose for their point (sweeps/lr_search.py); the choice is
     logged on the study's MLflow run (a metric per point, and lr_search.json)."""
 
     def fit(candidates: dict[str, ExperimentConfig], name: str) -> tuple[set[str], dict[str, str]]:
-        _, failed = _fit(study, candidates, folder, verbose, name=name, prune=False)
+        _, failed = _fit(study, candidates, datasets, folder, verbose, name=name, prune=False)
         finished = {n for n, c in candidates.items() if (Path(c.train.run_dir) / TRIAL_FILE).is_file()}
         if set(candidates) - finished - set(failed):  # Tune returned after Ctrl-C: not a verdict on any rate
             log(f"study {study.name} interrupted during the LR search; run the same command to resume it")
@@ -179,6 +246,13 @@ def _with_searched_lrs(study: StudyConfig, trials: list[TrialSpec], configs: dic
         configs[spec.name].train, lr=chosen[spec.point_name]["lr"])) for spec in trials}
 
 
+def _ray_storage(study: StudyConfig, folder: Path, part: str) -> str:
+    """Ray Tune's and Ray Train's storage_path: in the study folder, or straight at the URI (Ray writes
+    pyarrow filesystems itself)."""
+    mirror = study_mirror(study)
+    return f"{mirror.uri}/{part}" if mirror is not None else str(folder / part)
+
+
 def init_ray(verbose: int = 1) -> None:
     """Join RAY_ADDRESS's cluster (set by `ray job submit`; `RAY_ADDRESS=auto` joins a `ray start` cluster on
     this machine), else start a fresh local Ray (no dashboard); never a stale cluster a `ray start` left."""
@@ -187,30 +261,34 @@ def init_ray(verbose: int = 1) -> None:
                  log_to_driver=verbose > 1, configure_logging=verbose > 1)
 
 
-def _fit(study: StudyConfig, configs: dict, folder: Path, verbose: int, *, name: str, prune: bool
-         ) -> tuple[dict, dict]:
+def _fit(study: StudyConfig, configs: dict, datasets: dict[str, str], folder: Path, verbose: int, *, name: str,
+         prune: bool) -> tuple[dict, dict]:
     """One Ray Tune grid over `configs` (experiment `name` under <study>/ray/, restored when it exists)."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     init_ray(verbose)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, configs=configs, study=study, folder=str(folder), prune=prune),
+        tune.with_parameters(_trial, configs=configs, datasets=datasets, study=study, folder=str(folder),
+                             prune=prune),
         # The trial driver only waits on its TorchTrainer and holds no CPU (a fraction would leave the
         # last worker's CPU short); Tune needs a non-empty bundle, so it asks for one byte of memory.
         {"cpu": 0, "memory": 1},
     )
-    storage = folder / "ray"
-    experiment = storage / name
-    if tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+    storage = _ray_storage(study, folder, "ray")
+    experiment = f"{storage}/{name}"
+    if tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(list(configs))},
             tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=verbose),
         )
     grid = tuner.fit()
+    mirror = study_mirror(study)
+    if mirror is not None:  # the records the trials' ranks pushed, wherever they ran (not their checkpoints)
+        mirror.pull(folder, exclude=("checkpoints", "ray", "train"))
     results, failed = {}, {}
     for result in grid:
         trial = result.config["trial"]

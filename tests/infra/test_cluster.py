@@ -1,7 +1,8 @@
-"""The cluster files, validated; and a rehearsal of a cluster run on this machine: a Ray head and a
-second Ray node started with `ray start` on loopback (each with its own custom resource), an MLflow
-tracking server process, and the smoke study submitted to them; its trials land on both nodes and its
-results equal the single-node run's."""
+"""The cluster files, validated; and a rehearsal of a cluster run on this machine: a Ray head (with its
+dashboard and Jobs API) and a second Ray node started with `ray start` on loopback (each with its own
+custom resource), the MLflow server as the cluster runs it (login, host allow-list), and the smoke study
+submitted with `ray job submit`, its folder a URI; its trials land on both nodes and its results equal
+the single-node run's."""
 
 import json
 import os
@@ -466,37 +467,53 @@ def wait_for(check, what: str, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+MLFLOW_USER, MLFLOW_PASSWORD = "circuitscale", "rehearsal-0123456789"  # the server's admin, as the Secret holds
+
+
 @pytest.fixture
 def local_cluster(tmp_path):
-    """A two-node Ray cluster on loopback (1 CPU each, custom resources node_a / node_b) and an MLflow
-    tracking server process; everything is stopped afterwards."""
+    """A two-node Ray cluster on loopback (1 CPU each, custom resources node_a / node_b), the head with the
+    full dashboard (its Jobs API), token auth on; and the MLflow server as the cluster runs it
+    (infra/mlflow/serve.sh: the basic-auth app and a host allow-list) on 127.0.0.1. Every Ray process gets
+    the MLflow login as the cluster's containers do. Only this cluster's processes are stopped afterwards.
+    Yields (environment for Ray clients, dashboard address, MLflow URI)."""
     import secrets
 
-    port, mlflow_port = free_port(), free_port()
+    port, mlflow_port, dashboard = free_port(), free_port(), free_port()
     token = tmp_path / "ray_auth_token"  # Ray 2.60 clusters authenticate every client with a token
     token.write_text(secrets.token_hex(32))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"} | auth
+    login = {"MLFLOW_TRACKING_USERNAME": MLFLOW_USER, "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"} | auth | login
     env.pop("RAY_ADDRESS", None)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+
+    def agent_ports() -> list[str]:  # two nodes on one machine: each node's agents on ports of their own
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
     ray = str(BIN / "ray")
     server = None
     try:
-        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                        '--resources={"node_a": 1}', *common], check=True, env=env, capture_output=True, timeout=180)
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", '--resources={"node_b": 1}', *common],
-                       check=True, env=env, capture_output=True, timeout=180)
-        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                   "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                                   "--artifacts-destination", (tmp_path / "artifacts").as_uri(), "--workers", "1"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", '--resources={"node_a": 1}',
+                        *common, *agent_ports()], check=True, env=env, capture_output=True, timeout=180)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", '--resources={"node_b": 1}', *common,
+                        *agent_ports()], check=True, env=env, capture_output=True, timeout=180)
+        settings = {"MLFLOW_BACKEND_URI": f"sqlite:///{tmp_path / 'server.db'}",
+                    "MLFLOW_ARTIFACTS": (tmp_path / "artifacts").as_uri(),
+                    "MLFLOW_ALLOWED_HOSTS": f"127.0.0.1:{mlflow_port}", "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD, "MLFLOW_PORT": str(mlflow_port),
+                    "MLFLOW_WORKERS": "1", "TMPDIR": str(tmp_path)}
+        server = subprocess.Popen(["bash", str(ROOT / "infra" / "mlflow" / "serve.sh")], env=env | settings,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def up() -> bool:
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", mlflow_port)) == 0
 
         wait_for(up, "the MLflow server")
-        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}, f"http://127.0.0.1:{mlflow_port}"
+        yield auth | login | {"PATH": env["PATH"]}, f"http://127.0.0.1:{dashboard}", f"http://127.0.0.1:{mlflow_port}"
     finally:
         if server is not None:
             server.terminate()
@@ -525,27 +542,57 @@ def stop_ray_processes(port: int) -> None:
 
 
 @pytest.mark.slow
-def test_rehearsal_two_nodes_and_an_mlflow_server_match_a_single_node_run(
-        local_cluster, smoke_study, smoke_args, study_cli, small_corpus, smoke_cache, tmp_path):
+def test_job_submit_rehearsal_two_nodes_mlflow_with_auth_and_uri_storage_match_a_single_node_run(
+        local_cluster, smoke_study, smoke_args, small_corpus, smoke_cache, tmp_path, monkeypatch):
+    """`ray job submit` of the smoke study to the head's Jobs API, as a user submits to a cluster: the
+    study folder given as a URI (mirrored through pyarrow.fs from a local working folder), MLflow behind
+    its login and host allow-list. The job SUCCEEDS, trials ran on both nodes, the results equal the
+    single-node run's, 3 child runs are FINISHED on the server and the mirror holds the whole study."""
+    import requests
     from mlflow.tracking import MlflowClient
 
-    ray_env, uri = local_cluster
-    storage = tmp_path / "studies"
-    args = smoke_args(small_corpus, smoke_cache, storage) + [f"study.tracking_uri={uri}"]
-    proc = study_cli(args, env=ray_env)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-5000:]
-    folder = storage / "smoke"
-    assert not (folder / "mlflow.db").exists()  # everything went to the server
-    nodes = {json.loads(p.read_text())["node_id"] for p in (folder / "trials").glob("*/placement.json")}
-    assert len(nodes) == 2, nodes  # two trials at a time, one CPU per node: both nodes ran trials
+    ray_env, dashboard, uri = local_cluster
+    mirror, local = tmp_path / "mirror", tmp_path / "work"
+    args = [a for a in smoke_args(small_corpus, smoke_cache, tmp_path / "unused")
+            if not a.startswith("study.storage_path=")]
+    args[0] = "sweeps/smoke.yaml"  # inside the job's copy of the working directory
+    args += [f"study.storage_path={mirror.as_uri()}", f"study.local_dir={local}", f"study.tracking_uri={uri}"]
+    job = f"rehearsal-{os.getpid()}"
+    env = os.environ | ray_env
+    env.pop("RAY_ADDRESS", None)
+    submit = subprocess.run([str(BIN / "ray"), "job", "submit", f"--address={dashboard}", f"--submission-id={job}",
+                             "--working-dir", str(ROOT), "--", "circuitscale", "study", *args],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    status = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={dashboard}", job], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "SUCCEEDED" in status.stdout, (status.stdout + submit.stdout[-5000:] + submit.stderr[-3000:])
+    assert submit.returncode == 0
+
+    # the mirror holds the study: records, checkpoints and circuits of every trial, the report, the spec
     single, _, _ = smoke_study
-    for record in sorted((single / "trials").glob("*/trial.json")):
-        there = json.loads(record.read_text())
-        here = json.loads((folder / "trials" / record.parent.name / "trial.json").read_text())
-        assert here["val_loss"] == there["val_loss"], record.parent.name  # bit-identical training
+    names = sorted(p.parent.name for p in (single / "trials").glob("*/trial.json"))
+    remote = mirror / "smoke"
+    assert sorted(p.parent.name for p in (remote / "trials").glob("*/trial.json")) == names
+    assert all(any((remote / "trials" / n / "checkpoints").glob("step-*/state.safetensors")) for n in names)
+    assert (remote / "report" / "report.html").is_file() and (remote / "study.yaml").is_file()
+    assert any((remote / "ray" / "smoke").iterdir())  # Ray wrote its experiment state to the URI itself
+    nodes = {json.loads((remote / "trials" / n / "placement.json").read_text())["node_id"] for n in names}
+    assert len(nodes) == 2, nodes  # two trials at a time, one CPU per node: both nodes ran trials
+    for name in names:
+        there = json.loads((single / "trials" / name / "trial.json").read_text())
+        here = json.loads((remote / "trials" / name / "trial.json").read_text())
+        assert here["val_loss"] == there["val_loss"], name  # bit-identical training
         assert {t: (c["status"], c["edges"]) for t, c in here["circuits"].items()} == \
             {t: (c["status"], c["edges"]) for t, c in there["circuits"].items()}
+
+    # MLflow: nothing without the login or under another Host name; with it, the study's runs
+    api = f"{uri}/api/2.0/mlflow/experiments/get-by-name"
+    assert requests.get(api, params={"experiment_name": "smoke"}, timeout=30).status_code == 401
+    spoofed = requests.get(api, params={"experiment_name": "smoke"}, auth=(MLFLOW_USER, MLFLOW_PASSWORD),
+                           headers={"Host": "mlflow.example.com"}, timeout=30)
+    assert spoofed.status_code == 403
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("smoke")
     runs = client.search_runs([experiment.experiment_id])

@@ -28,7 +28,7 @@ from pipeline.records import CircuitRecord
 from pipeline.tasks import TASKS, encode_task
 from pipeline.tokenizer import eot_id
 from pipeline.train import NonFiniteLoss, make_engine, restore
-from pipeline.trial import build_training, run_trial
+from pipeline.trial import build_training, run_trial, trial_rank
 from tests.reference_paper_gpt import paper_forward
 
 SCRIPT = Path(sys.executable).parent / "circuitscale"
@@ -94,6 +94,22 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(dataset_cac
     assert run.info.status == "FINISHED"  # the same MLflow run, continued
     assert len(MlflowClient(tracking_uri=json.loads((killed / "mlflow_run.json").read_text())["uri"])
                .search_runs([run.info.experiment_id])) == 1
+
+
+def test_a_rank_given_the_built_dataset_never_reads_the_corpus(dataset_cache, tmp_path, monkeypatch):
+    """What a study's ranks do: the driver built the data once (sweeps/study.py), each rank only opens its
+    manifest, so a thousand ranks do not each read the whole corpus to find the cache."""
+    import pipeline.data
+
+    cfg = resolve_config(None, tiny(dataset_cache, tmp_path / "run", "train.steps=2", "train.checkpoint_every=2"))
+    folder = build_data(cfg.data, progress=False).dataset.folder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank read the corpus")
+
+    monkeypatch.setattr(pipeline.data, "collect_documents", refuse)
+    final = trial_rank(cfg, data=folder, prune=False, log=lambda _: None)
+    assert math.isfinite(final["val_loss"])
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(dataset_cache, tmp_path):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,9 @@ def test_smoke_study_runs_every_trial_and_reports_a_frontier(smoke):
     for name in trials:
         record = json.loads((folder / "trials" / name / "trial.json").read_text())
         assert record["circuits_tried"] == 2 and record["val_loss"] > 0
+        # the driver built the data once; every rank on every node names the same absolute folder
+        assert Path(yaml.safe_load((folder / "trials" / name / "config.yaml").read_text())["data"]["cache_dir"]
+                    ).is_absolute()
         for task, circuit in record["circuits"].items():
             # 20 steps teach no task: honest pruning finds circuits only where the whole model reaches the target
             assert circuit["status"] in ("found", "unreachable", "direct") and circuit["empty_loss"] is not None
