@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "takes_run", False):
             runs = [x for x in args.overrides if "=" not in x]
             if len(runs) != 1:
-                raise UserError("prune: name exactly one run folder (written by `circuitscale train`)")
+                raise UserError(f"{args.verb}: name exactly one run folder (written by `circuitscale train`)")
             args.run_dir, args.overrides = runs[0], [x for x in args.overrides if "=" in x]
             if not (Path(args.run_dir) / "config.yaml").is_file():
-                raise UserError(f"prune: {args.run_dir} is not a run folder (no config.yaml)")
+                raise UserError(f"{args.verb}: {args.run_dir} is not a run folder (no config.yaml)")
             config = config or str(Path(args.run_dir) / "config.yaml")  # the run's own resolved config
         cfg = resolve_config(config, args.overrides)
         return args.run(cfg, args)
@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.set_defaults(takes_run=True)
     prune.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     prune.set_defaults(run=run_prune)
+    bridge = verbs.add_parser("bridge", help="train a weight-sparse twin of a dense run, coupled to it by a bridge",
+                              usage="circuitscale bridge [--config FILE] [--no-progress] DENSE_RUN [KEY=VALUE ...]")
+    _common(bridge)  # DENSE_RUN: a finished dense run; its config is the default (model.*, sparsity.* override)
+    bridge.set_defaults(takes_run=True)
+    bridge.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bridge.set_defaults(run=run_bridge_verb)
     study = verbs.add_parser("study", help="run (or resume) a study: a Ray Tune grid of trials, then its report",
                              usage="circuitscale study [-v] SWEEP.yaml [KEY=VALUE ...]")
     study.add_argument("sweep", metavar="SWEEP.yaml", help="the study file (e.g. sweeps/cpu.yaml)")
@@ -156,6 +162,21 @@ def run_train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         print(f"  tasks: mean accuracy {final['task_accuracy_mean']:.3f} over {tasks} tasks (chance 0.5)")
     print(f"  export: {result.export_dir.resolve()} (safetensors) and {result.export_dir.resolve() / 'paper'}")
     print(f"  MLflow: run {result.mlflow_run_id} at {result.mlflow_uri}")
+    return 0
+
+
+def run_bridge_verb(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """Train (or resume) the bridge; prints its folder, then a JSON line of its figures."""
+    from pipeline.bridge import run_bridge, summary_line
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        folder, final = run_bridge(Path(args.run_dir), cfg, device=device, progress=not args.no_progress)
+    except NonFiniteLoss as err:
+        raise UserError(f"bridge: {err}; lower train.lr or check the data") from None
+    print(f"bridge run in {folder.resolve()}")
+    print(json.dumps(summary_line(final)))
     return 0
 
 

@@ -166,8 +166,15 @@ class Block(nn.Module):
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_part(self.attn_part(x))
+
+    def attn_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual before the attention sublayer -> the residual before the MLP sublayer."""
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.attn(self.ln_1(x)))
+        return self.hook_resid_mid(x + self.attn(self.ln_1(x)))
+
+    def mlp_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual before the MLP sublayer -> the block's output."""
         return self.hook_resid_post(x + self.mlp(self.ln_2(x)))
 
 
@@ -229,15 +236,23 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab)."""
+        x = self.embed(idx)
+        for block in self.transformer["h"]:
+            x = block(x)
+        return self.unembed(x, idx)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the first residual stream (B, T, d)."""
         T = idx.shape[1]
         if T > self.cfg.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds model.context_length={self.cfg.context_length}")
         x = self.transformer["wte"](idx)  # (B, T, d)
         if "wpe" in self.transformer:
             x = x + self.transformer["wpe"](torch.arange(T, device=idx.device))
-        x = self.hook_embed(x)  # the embedding's residual write
-        for block in self.transformer["h"]:
-            x = block(x)
+        return self.hook_embed(x)  # the embedding's residual write
+
+    def unembed(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The final residual stream (B, T, d) and the token ids -> logits (B, T, vocab)."""
         x = self.hook_resid_final(self.transformer["ln_f"](x))  # the unembedding's read
         logits = self.lm_head(x)  # (B, T, vocab)
         if self.bigram_table is not None:

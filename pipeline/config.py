@@ -64,6 +64,30 @@ class TrialConfig:
     engine: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: DeepSpeed when workers > 1
 
 
+@dataclass(kw_only=True, frozen=True)
+class BridgeConfig:
+    """`circuitscale bridge` (pipeline/bridge.py, METHOD.md 7): the sparse model is `model.*` / `sparsity.*`
+    (defaults: the dense run's own), trained with `train.*` for `steps`; the loss weights its terms."""
+    steps: int = 600
+    run_dir: str | None = None  # None: runs/bridge/<hash of the resolved config>
+    afrac: float = 0.25  # each encoder's AbsTopK keeps int(afrac x the sparse width) channels
+    ce: float = 1.0  # the sparse model's next-token cross-entropy
+    nmse_encode: float = 1.0  # mean over sites of NMSE(encode(dense), sparse)
+    nmse_decode: float = 1.0  # mean over sites of NMSE(decode(sparse), dense)
+    kl_dense_prefix: float = 1.0  # KL(dense || dense prefix, then sparse suffix), at a site drawn per step
+    kl_sparse_prefix: float = 1.0  # KL(dense || sparse prefix, then dense suffix), same site
+
+
+def check_bridge_config(cfg: BridgeConfig) -> None:
+    if cfg.steps < 1:
+        raise ValueError(f"bridge.steps: must be a positive integer, got {cfg.steps}")
+    if not 0.0 < cfg.afrac <= 1.0:
+        raise ValueError(f"bridge.afrac: must lie in (0, 1], got {cfg.afrac}")
+    for key in ("ce", "nmse_encode", "nmse_decode", "kl_dense_prefix", "kl_sparse_prefix"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"bridge.{key}: must be >= 0, got {getattr(cfg, key)}")
+
+
 def check_train_config(cfg: TrainConfig) -> None:
     for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints"):
@@ -101,6 +125,7 @@ class ExperimentConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
 
 
 def resolve_config(
@@ -136,6 +161,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         (check_prune_config, cfg.prune),
         (check_tracking_config, cfg.tracking),
         (check_deepspeed_config, cfg.deepspeed),
+        (check_bridge_config, cfg.bridge),
     ]
     try:
         for check, section in checks:

@@ -61,14 +61,24 @@ def build_optimizer(
     """The fused sparse Adam over every parameter, with the model's kernels. Decay is decoupled and
     applied after the projection to weight matrices (embeddings included), never the bigram table;
     the bigram table gets its own group with a small eps (METHOD.md 8)."""
-    bigram = [p for n, p in model.named_parameters() if n == "bigram_table"]
-    rest = [p for n, p in model.named_parameters() if n != "bigram_table"]
+    def is_bigram(name: str) -> bool:  # the table of the model, or of a model inside a module (a bridge)
+        return name.rsplit(".", 1)[-1] == "bigram_table"
+
+    def is_bridge(name: str) -> bool:  # a bridge's encoders and decoders (model/bridge.py)
+        return name.startswith("bridge.")
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    bigram = [p for n, p in params if is_bigram(n)]
+    bridge = [p for n, p in params if is_bridge(n)]
+    rest = [p for n, p in params if not is_bigram(n) and not is_bridge(n)]
     groups = [{"params": rest, "eps": train.eps, "lr": train.lr}]
     if bigram:
         groups.append({"params": bigram, "eps": train.bigram_eps, "lr": train.lr})
+    if bridge:  # dense maps in their own group, with the small eps of the other dense parameter (the table)
+        groups.append({"params": bridge, "eps": train.bigram_eps, "lr": train.lr})
     specs = {t.param: SparseSpec(t.group, t.floor_dim, decay=t.param.dim() == 2) for t in tensors}
-    for name, p in model.named_parameters():  # dense matrices (e.g. the dense baseline's) still decay
-        if p.dim() == 2 and name != "bigram_table" and p not in specs:
+    for name, p in params:  # dense matrices (e.g. the dense baseline's) still decay
+        if p.dim() == 2 and not is_bigram(name) and p not in specs:
             specs[p] = SparseSpec("dense", None, decay=True)
     return SparseAdam(groups, specs, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
                       floor=sparsity.neuron_floor, kernels=model.kernels, grad_rms=train.grad_rms)
@@ -85,7 +95,8 @@ def make_engine(model: GPT, tensors: list[SparseTensor], train: TrainConfig, spa
 
 
 def train_step(
-    engine: Engine, micro_batches: list[torch.Tensor], step: int, train: TrainConfig, sparsity: SparsityConfig
+    engine: Engine, micro_batches: list[torch.Tensor], step: int, train: TrainConfig, sparsity: SparsityConfig,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss,
 ) -> dict[str, float]:
     """One optimizer step of the recipe over `micro_batches` (gradient accumulation): forward and
     backward, then the engine's fused step (RMS normalization, Adam, projection, decay).
@@ -94,7 +105,7 @@ def train_step(
     """
     schedule = schedule_at(step, train, sparsity)
     tick = time.perf_counter()
-    loss = engine.forward_backward(micro_batches, lm_loss)
+    loss = engine.forward_backward(micro_batches, loss_fn)
     tock = time.perf_counter()
     densities = {"matrix": schedule.density, "embedding": schedule.embedding_density,
                  "bias": schedule.embedding_density}
@@ -127,11 +138,14 @@ class TrainingSetup:
     """What the loop trains: the model, its sparse tensors, the engine wrapping both (rank and world size
     included), and this rank's training and validation loaders."""
 
-    model: GPT
+    model: nn.Module  # what the engine wraps: a GPT, or a bridged pair (model/bridge.py)
     tensors: list[SparseTensor]
     engine: Engine
     loader: TokenLoader
     val: TokenLoader
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss  # (model, window batch) -> loss
+    lm: GPT | None = None  # the language model whose own loss and sparsity are evaluated (None: model)
+    evaluate: Callable[[], dict[str, float]] | None = None  # further figures at every evaluation
 
 
 @dataclass
@@ -158,7 +172,9 @@ def train(
     """Train (or resume) under `run_dir` on this process's rank of the engine; raises NonFiniteLoss on a
     NaN/inf loss. Rank 0 writes checkpoints (with `checkpoint_meta`) and calls `on_checkpoint` after each
     (a study with URI storage pushes the run folder there); metrics go to `tracker`."""
-    model, tensors, engine, loader, val = setup.model, setup.tensors, setup.engine, setup.loader, setup.val
+    tensors, engine, loader, val = setup.tensors, setup.engine, setup.loader, setup.val
+    model = setup.lm if setup.lm is not None else setup.model
+    extra = setup.evaluate or dict
     lead = engine.rank == 0
     start = restore(run_dir / "checkpoints", engine, log)
     step_tokens = tokens_per_step(t, model.cfg.context_length, engine.world_size)
@@ -167,14 +183,14 @@ def train(
     for step in bar:
         tick = time.perf_counter()
         micro_batches = list(loader.batch(step).to(device).split(t.batch_size))
-        stats = train_step(engine, micro_batches, step, t, sparsity)
+        stats = train_step(engine, micro_batches, step, t, sparsity, setup.loss_fn)
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLoss(f"loss became {stats['loss']} at step {step + 1}")
         metrics = {"train_loss": stats["loss"], "lr": stats["lr"], "density": stats["density"],
                    "grad_rms": stats["grad_rms"], "tokens_per_s": step_tokens / (time.perf_counter() - tick)}
         done = step + 1
         if done % t.eval_every == 0 or done == t.steps:
-            metrics |= _evaluation(model, tensors, val, t.eval_batches, device)
+            metrics |= _evaluation(model, tensors, val, t.eval_batches, device) | extra()
         tracker.log_metrics(metrics, done)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if done % t.checkpoint_every == 0 or done == t.steps:
@@ -185,7 +201,7 @@ def train(
                     on_checkpoint()
             if done < t.steps:
                 state = None  # held only while saving: never across steps, nor beside the next one
-    final = _evaluation(model, tensors, val, t.eval_batches, device)
+    final = _evaluation(model, tensors, val, t.eval_batches, device) | extra()
     final["residual_kurtosis"] = residual_kurtosis(model, val.batch(0).to(device))
     final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak
     if state is None:  # resumed at the last step: nothing was trained, so no checkpoint was taken
