@@ -155,3 +155,22 @@ def save(fig, folder: Path, name: str) -> list[Path]:
     fig.savefig(paths[0], dpi=130)
     fig.savefig(paths[1])
     return paths
+
+
+def steering_figure(result: dict):
+    """A bridge's steering curve (pipeline/steer.py's steering.json): the dense model's P(correct answer)
+    against the edit strength, for the task's cue nodes and for the random control of the same size."""
+    fig, ax = subplots(figsize=(6.5, 4.5))
+    for key, flip, label, style in (("curve", "flip_strength", f"cue nodes ({len(result['nodes'])})", "-o"),
+                                    ("random_curve", "random_flip_strength", "random nodes (control)", "--s")):
+        s, p = zip(*result[key], strict=True) if result[key] else ((), ())
+        line, = ax.plot(s, p, style, markersize=3, label=label)
+        if result[flip] is not None:
+            ax.axvline(result[flip], color=line.get_color(), alpha=0.4, linewidth=1)
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_ylim(-0.02, 1.02)
+    flips = ", ".join(f"{name} {'none' if result[k] is None else format(result[k], 'g')}"
+                      for name, k in (("flip at", "flip_strength"), ("control", "random_flip_strength")))
+    return _finish(fig, ax, "edit strength s (0: unsteered; 1: the partner prompt's activations)",
+                   f"steering {result['task']} through the bridge at {result['site']} ({flips})",
+                   ylabel="dense model's P(correct answer)")

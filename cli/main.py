@@ -81,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     bridge.set_defaults(takes_run=True)
     bridge.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bridge.set_defaults(run=run_bridge_verb)
+    steer = verbs.add_parser("steer", help="steer a bridged dense model through a task's sparse circuit",
+                             usage="circuitscale steer --task TASK [--nodes N] [--max-strength S] [--no-progress] "
+                                   "BRIDGE_RUN [KEY=VALUE ...]")
+    _common(steer)  # BRIDGE_RUN: a finished `circuitscale bridge` run; prune.* overrides set the circuit search
+    steer.set_defaults(takes_run=True)
+    steer.add_argument("--task", required=True, help="the task whose cue to steer (e.g. single_double_quote)")
+    steer.add_argument("--nodes", type=int, default=4, help="cue nodes edited together (default 4)")
+    steer.add_argument("--max-strength", type=float, default=3.0,
+                       help="the largest edit strength (1: the partner prompt's activations; default 3)")
+    steer.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    steer.set_defaults(run=run_steer)
     study = verbs.add_parser("study", help="run (or resume) a study: a Ray Tune grid of trials, then its report",
                              usage="circuitscale study [-v] SWEEP.yaml [KEY=VALUE ...]")
     study.add_argument("sweep", metavar="SWEEP.yaml", help="the study file (e.g. sweeps/cpu.yaml)")
@@ -177,6 +188,36 @@ def run_bridge_verb(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         raise UserError(f"bridge: {err}; lower train.lr or check the data") from None
     print(f"bridge run in {folder.resolve()}")
     print(json.dumps(summary_line(final)))
+    return 0
+
+
+def run_steer(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """Steer; writes steering.json, .png and .svg under <run>/steer/<task>/, logs them on the bridge's MLflow
+    run, and ends with a JSON line."""
+    from analysis.plots import save, steering_figure
+    from pipeline.bridge import log_to_bridge_run
+    from pipeline.steer import steer_run
+
+    if args.nodes < 1 or not args.max_strength > 0:
+        raise UserError("steer: --nodes must be >= 1 and --max-strength > 0")
+    if args.task not in TASKS:
+        raise UserError(f"steer: unknown task {args.task!r}; known: {', '.join(TASKS)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(args.run_dir)
+    result, folder = steer_run(run_dir, cfg, args.task, count=args.nodes, max_strength=args.max_strength,
+                               device=device)
+    save(steering_figure(result), folder, "steering")
+    circuit = result["circuit"]
+    metrics = {f"steer/{args.task}/{k}": float(v) for k, v in
+               [("flip_strength", result["flip_strength"]), ("random_flip_strength", result["random_flip_strength"]),
+                *[(k, circuit.get(k)) for k in ("recovered", "circuit_task_loss", "dense_task_loss")]]
+               if v is not None}
+    log_to_bridge_run(run_dir, cfg, metrics, folder, f"steer/{args.task}")
+    print(f"steering of {args.task}: {folder.resolve()} (circuit {circuit['status']}, {circuit['nodes']} nodes; "
+          f"cue nodes {result['nodes']} enter at {result['site']})")
+    print(json.dumps({"task": result["task"], "flip_strength": result["flip_strength"],
+                      "random_flip_strength": result["random_flip_strength"], "circuit": circuit,
+                      "curve": result["curve"]}))
     return 0
 
 

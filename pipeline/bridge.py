@@ -233,6 +233,15 @@ def bridge_rank(dense_run: Path, cfg: ExperimentConfig, data: Path, *, device: s
     staging.replace(run_dir / SUMMARY)  # written last, after the run is FINISHED: the run is finished
 
 
+def log_to_bridge_run(run_dir: Path, cfg: ExperimentConfig, metrics: dict[str, float], folder: Path, under: str
+                      ) -> None:
+    """Add figures and a folder's files to a finished bridge run's MLflow run (resumed, then FINISHED again)."""
+    dense_run = Path(json.loads((Path(run_dir) / "export" / BRIDGE_FILE).read_text())["dense_run"])
+    with tracked_run(_tracking(cfg, dense_run), Path(run_dir)) as tracker:
+        tracker.log_metrics(metrics, cfg.bridge.steps)
+        tracker.log_artifacts(folder, under)
+
+
 def _tracking(cfg: ExperimentConfig, dense_run: Path):
     """The bridge's own MLflow run (the dense run's config may carry a study's parent run and trial tags)."""
     return dataclasses.replace(cfg.tracking, parent_run_id=None, tags={"kind": "bridge", "dense_run": str(dense_run)})

@@ -53,6 +53,7 @@ def test_bridge_trains_exports_and_logs_its_figures(dense_run, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(out[-1])
     folder = dense_run.parent / "bridge"
+    (dense_run.parent / "bridge.done").touch()  # the steering test below uses this bridge
     assert out[-2] == f"bridge run in {folder.resolve()}"
     assert set(figures) == KEYS and all(math.isfinite(v) for v in figures.values())
     assert -1.0 <= figures["loss_correlation"] <= 1.0
@@ -114,7 +115,8 @@ def test_bad_inputs_get_one_line_errors(dense_run, small_corpus, tmp_path, capsy
     (untrained / "config.yaml").write_text((dense_run / "config.yaml").read_text())
     sparse = tmp_path / "sparse"
     sparse.mkdir()
-    (sparse / "config.yaml").write_text((dense_run / "config.yaml").read_text().replace("density: 1.0", "density: 0.25"))
+    dense_yaml = (dense_run / "config.yaml").read_text()
+    (sparse / "config.yaml").write_text(dense_yaml.replace("density: 1.0", "density: 0.25"))
     cases = [
         ([str(untrained)], "holds no trained model"),
         ([str(sparse)], "is a sparse run"),
@@ -128,3 +130,29 @@ def test_bad_inputs_get_one_line_errors(dense_run, small_corpus, tmp_path, capsy
         assert main(args) == 2, extra
         err = capsys.readouterr().err.strip()
         assert err.startswith("circuitscale: error:") and message in err and "\n" not in err, (extra, err)
+
+
+def test_steer_writes_its_curve_and_control_and_logs_them(dense_run, capsys):
+    folder = dense_run.parent / "bridge"
+    if not (dense_run.parent / "bridge.done").exists():
+        assert main(bridge_args(dense_run)) == 0
+    capsys.readouterr()
+    args = ["steer", "--no-progress", "--task", "while_return_true", "--nodes", "2", "--max-strength", "2",
+            str(folder), "prune.steps=5", "prune.pairs=8", "prune.mean_batches=2"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["task"] == "while_return_true" and len(result["curve"]) == 31
+    assert result["curve"][0][0] == 0.0 and result["curve"][-1][0] == 2.0
+    assert all(0.0 <= p <= 1.0 for _, p in result["curve"])
+    assert result["circuit"]["status"] in ("found", "unreachable", "direct")
+    steer = folder / "steer" / "while_return_true"
+    saved = json.loads((steer / "steering.json").read_text())
+    assert len(saved["nodes"]) == len(saved["random_nodes"]) == 2 and not set(map(tuple, saved["nodes"])) & set(
+        map(tuple, saved["random_nodes"]))
+    assert (steer / "steering.png").stat().st_size > 5_000 and (steer / "steering.svg").is_file()
+    record = json.loads((folder / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=record["uri"])
+    assert client.get_run(record["run_id"]).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(record["run_id"], "steer/while_return_true")} >= {
+        "steer/while_return_true/steering.json", "steer/while_return_true/steering.png"}
+    assert main(["steer", "--no-progress", "--task", "no_such_task", str(folder)]) == 2
