@@ -99,7 +99,8 @@ def viewer_batches(cfg: ExperimentConfig, dataset: Dataset) -> list[torch.Tensor
 
 
 def write_viewer(path: Path, record: CircuitRecord, model, tokenizer, task: EncodedTask,
-                 data_batches: list[torch.Tensor], *, model_name: str, device: str = "cpu") -> None:
+                 data_batches: list[torch.Tensor], *, model_name: str, device: str = "cpu",
+                 bridge: dict | None = None) -> None:
     """The circuit's HTML page (pipeline/viewer.py), with examples from the task and from pretraining data."""
     nodes = [n.key for n in record.nodes]
     prompts = padded(task.prompts, model.cfg.context_length)
@@ -107,7 +108,7 @@ def write_viewer(path: Path, record: CircuitRecord, model, tokenizer, task: Enco
     data_examples = node_examples(model, tokenizer, nodes, data_batches, device=device)
     candidates = {int(t): tokenizer.decode([int(t)]) for t in task.candidates.flatten().unique().tolist()}
     page = render(record, model_name=model_name, candidate_tokens=candidates,
-                  task_examples=task_examples, data_examples=data_examples)
+                  task_examples=task_examples, data_examples=data_examples, bridge=bridge)
     path.write_text(page, encoding="utf-8")
 
 

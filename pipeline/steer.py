@@ -26,6 +26,7 @@ from model.bridge import BridgedPair, residuals, run_from, site_names
 from model.graph import HOOKS, Location, all_kept, hook_name, kept_nodes, locations
 from model.hooks import intervene, record
 from pipeline.bridge import load_bridge
+from pipeline.circuits import viewer_batches, write_viewer
 from pipeline.config import ExperimentConfig, token_loader
 from pipeline.data import build_data
 from pipeline.prune import ablation_hooks, gates_from_kept, node_means, prune_task
@@ -134,6 +135,24 @@ def steering_curve(pair: BridgedPair, task: EncodedTask, nodes: list[NodeKey], s
     return site, curve
 
 
+_WRITES = ("embed", "attn_out", "mlp_out")
+
+
+@torch.no_grad()
+def decoder_directions(pair: BridgedPair, nodes: list[NodeKey], top: int = 3) -> dict[NodeKey, str]:
+    """For each residual-writing node, its decoder column at the first site after it: the dense-model
+    direction it writes to (norm, then the largest dense channels with their weights)."""
+    out = {}
+    for layer, kind, i in nodes:
+        if kind not in _WRITES:
+            continue
+        column = pair.bridge.decoders[node_site(layer, kind, pair.sparse.cfg.num_layers)].weight[:, i]
+        order = column.abs().argsort(descending=True)[:top].tolist()
+        out[(layer, kind, i)] = f"|w| {float(column.norm()):.3g}: " + ", ".join(
+            f"ch {c} ({float(column[c]):+.2g})" for c in order)
+    return out
+
+
 def flip_strength(curve: list[list[float]]) -> float | None:
     """The smallest strength at which P(correct) is below 1/2, if the curve starts above it."""
     if not curve or curve[0][1] < 0.5:
@@ -203,16 +222,19 @@ def steer_run(run_dir: Path, cfg: ExperimentConfig, task_name: str, *, count: in
     record = prune_task(pair.sparse, train, test, means, cfg.prune, pad_id=pad_id, device=device)
     circuit = {"status": record.status, "nodes": len(record.nodes), "edges": record.edges,
                "unpruned_loss": record.unpruned_loss, "sufficiency_loss": record.sufficiency_loss}
+    folder = Path(run_dir) / "steer" / task_name
+    folder.mkdir(parents=True, exist_ok=True)
     if record.status == "found":
         members = [(n.layer, n.kind, n.index) for n in record.nodes]
         circuit |= circuit_through_bridge(pair, test, kept_nodes(pair.sparse, members), means, pad_id)
+        write_viewer(folder / "circuit.html", record, pair.sparse, tokenizer, test, viewer_batches(cfg, dataset),
+                     model_name=f"bridge {Path(run_dir).name}", device=device,
+                     bridge=decoder_directions(pair, members))
     else:  # no circuit at the target: the cue nodes are sought among every node, and the output says so
         members = steerable(pair)
         log(f"no circuit for {task_name} ({record.status}); cue nodes are sought among all {len(members)} nodes")
     strengths = [max_strength * i / (points - 1) for i in range(points)]
     result = steer(pair, test, members, count=count, strengths=strengths, pad_id=pad_id, seed=cfg.train.seed)
     result.circuit = circuit
-    folder = Path(run_dir) / "steer" / task_name
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "steering.json").write_text(json.dumps(result.summary(), indent=1) + "\n")
     return result.summary(), folder

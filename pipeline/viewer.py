@@ -189,11 +189,13 @@ def shown(text: str) -> str:
 
 
 def render(rec: CircuitRecord, *, model_name: str, candidate_tokens: dict[int, str],
-           task_examples: dict[NodeKey, list[Example]], data_examples: dict[NodeKey, list[Example]]) -> str:
-    """The viewer page for one circuit record (a string of HTML)."""
+           task_examples: dict[NodeKey, list[Example]], data_examples: dict[NodeKey, list[Example]],
+           bridge: dict[NodeKey, str] | None = None) -> str:
+    """The viewer page for one circuit record (a string of HTML); `bridge`: for a bridged sparse model, what
+    each residual-writing node writes into the dense model through the bridge's decoder (a column)."""
     return _template().render(
         rec=rec, title=f"{rec.task} circuit — {model_name}", drawing=layout(rec, candidate_tokens, task_examples),
-        colours=KIND_COLOUR, task_examples=task_examples, data_examples=data_examples)
+        colours=KIND_COLOUR, task_examples=task_examples, data_examples=data_examples, bridge=bridge)
 
 
 @cache

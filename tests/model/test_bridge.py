@@ -74,7 +74,7 @@ def test_training_the_pair_lowers_every_term_and_leaves_the_dense_model_alone():
     pair = BridgedPair(tiny(16, afrac=0.25), Bridge(32, 16, sites=5, k=4), dense)
     assert not any("dense" in n for n, _ in pair.named_parameters())
     optimizer = torch.optim.Adam(pair.parameters(), lr=3e-3)
-    data = sampled(dense, 64, 17, seed=1)
+    data = sampled(dense, 32, 17, seed=1)
     with torch.no_grad():
         before = {k: float(v) for k, v in bridge_terms(pair, data, sites=list(range(5))).items()}
     for _ in range(200):

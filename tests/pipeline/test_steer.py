@@ -52,3 +52,12 @@ def test_flip_strength_needs_a_curve_that_starts_on_the_right_side():
     assert flip_strength([[0.0, 0.9], [0.5, 0.6], [1.0, 0.4]]) == 1.0
     assert flip_strength([[0.0, 0.4], [1.0, 0.1]]) is None  # the dense model did not prefer the answer
     assert flip_strength([[0.0, 0.9], [1.0, 0.7]]) is None
+
+
+def test_decoder_directions_name_the_dense_channels_a_writing_node_feeds():
+    from pipeline.steer import decoder_directions
+
+    directions = decoder_directions(planted(), [(-1, "embed", CUE), (0, "mlp_neuron", 1), (-1, "embed", 0)])
+    assert set(directions) == {(-1, "embed", CUE), (-1, "embed", 0)}  # a neuron writes no residual channel
+    assert directions[(-1, "embed", CUE)].startswith("|w| 1: ch 0 (+1)")
+    assert directions[(-1, "embed", 0)].startswith("|w| 0:")

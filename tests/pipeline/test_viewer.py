@@ -121,3 +121,12 @@ def test_page_renders_a_graph_in_headless_chromium(circuit, tmp_path):
     assert not missing, f"node kinds not on screen: {missing}"
     assert on_screen(KIND_COLOUR["logit"]) >= 100  # the candidate logits
     assert on_screen("#fafafa") > 50_000  # the graph panel itself
+
+
+def test_a_bridged_circuit_shows_where_each_writing_node_goes_in_the_dense_model(circuit):
+    _, _, rec, _, _ = circuit
+    writer = next(n.key for n in rec.nodes if n.kind in ("embed", "attn_out", "mlp_out"))
+    page = render(rec, model_name="m", candidate_tokens={}, task_examples={}, data_examples={},
+                  bridge={writer: "|w| 1.5: ch 7 (+0.9)"})
+    assert "writes to the dense model (bridge decoder)" in page and "|w| 1.5: ch 7 (+0.9)" in page
+    assert "bridge decoder" not in page_for(circuit)  # an ordinary model's page has no such column
