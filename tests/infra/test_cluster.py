@@ -7,9 +7,11 @@ the single-node run's."""
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -493,13 +495,18 @@ def local_cluster(tmp_path):
                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
     ray = str(BIN / "ray")
+    # The second node gets a temp dir of its own, as a real node has its own disk: sharing the head's, its
+    # runtime-env agent unpacks the job's working directory into the very folder the driver runs in, and
+    # the driver's working directory can vanish under it. (Short: Ray's sockets live below it.)
+    node_b = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     server = None
     try:
         subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", '--resources={"node_a": 1}',
                         *common, *agent_ports()], check=True, env=env, capture_output=True, timeout=180)
         subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", '--resources={"node_b": 1}', *common,
-                        *agent_ports()], check=True, env=env, capture_output=True, timeout=180)
+                        *agent_ports(), f"--temp-dir={node_b}"], check=True, env=env, capture_output=True,
+                       timeout=180)
         settings = {"MLFLOW_BACKEND_URI": f"sqlite:///{tmp_path / 'server.db'}",
                     "MLFLOW_ARTIFACTS": (tmp_path / "artifacts").as_uri(),
                     "MLFLOW_ALLOWED_HOSTS": f"127.0.0.1:{mlflow_port}", "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
@@ -519,6 +526,7 @@ def local_cluster(tmp_path):
             server.terminate()
             server.wait(timeout=30)
         stop_ray_processes(port)
+        shutil.rmtree(node_b, ignore_errors=True)
 
 
 def stop_ray_processes(port: int) -> None:
@@ -565,7 +573,8 @@ def test_job_submit_rehearsal_two_nodes_mlflow_with_auth_and_uri_storage_match_a
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     status = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={dashboard}", job], env=env,
                             capture_output=True, text=True, timeout=120)
-    assert "SUCCEEDED" in status.stdout, (status.stdout + submit.stdout[-5000:] + submit.stderr[-3000:])
+    # `ray job status` prints "Job '<id>' succeeded" for JobStatus.SUCCEEDED only (ray/dashboard/modules/job/cli.py)
+    assert f"Job '{job}' succeeded" in status.stdout, (status.stdout + submit.stdout[-5000:] + submit.stderr[-3000:])
     assert submit.returncode == 0
 
     # the mirror holds the study: records, checkpoints and circuits of every trial, the report, the spec

@@ -74,16 +74,16 @@ def test_training_the_pair_lowers_every_term_and_leaves_the_dense_model_alone():
     pair = BridgedPair(tiny(16, afrac=0.25), Bridge(32, 16, sites=5, k=4), dense)
     assert not any("dense" in n for n, _ in pair.named_parameters())
     optimizer = torch.optim.Adam(pair.parameters(), lr=3e-3)
-    data = sampled(dense, 32, 17, seed=1)
+    data = sampled(dense, 64, 17, seed=1)
     with torch.no_grad():
         before = {k: float(v) for k, v in bridge_terms(pair, data, sites=list(range(5))).items()}
-    for _ in range(200):
+    for _ in range(300):
         optimizer.zero_grad()
         sum(bridge_terms(pair, data).values()).backward()
         optimizer.step()
     with torch.no_grad():
         after = {k: float(v) for k, v in bridge_terms(pair, data, sites=list(range(5))).items()}
-    for name in before:  # measured: each term fell by 17% (CE) to 99% (encoder NMSE)
+    for name in before:  # each term falls by at least 15% (measured: the dense-prefix KL by 23% at 200 steps)
         assert after[name] < 0.85 * before[name], (name, before[name], after[name])
     assert all(torch.equal(frozen[k], v) for k, v in dense.state_dict().items())
 
