@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             return args.run_raw(args)
         config = args.config
         if getattr(args, "takes_run", False):
-            runs = [x for x in args.overrides if "=" not in x]
+            # the run folder: the one argument without '=', or an existing folder (a study's trial folders
+            # are named like `000-d_model=64-density=0.25-...-seed=0`)
+            runs = [x for x in args.overrides if "=" not in x or Path(x).is_dir()]
             if len(runs) != 1:
                 raise UserError(f"{args.verb}: name exactly one run folder (written by `circuitscale train`)")
-            args.run_dir, args.overrides = runs[0], [x for x in args.overrides if "=" in x]
+            args.run_dir, args.overrides = runs[0], [x for x in args.overrides if x != runs[0]]
             if not (Path(args.run_dir) / "config.yaml").is_file():
                 raise UserError(f"{args.verb}: {args.run_dir} is not a run folder (no config.yaml)")
             config = config or str(Path(args.run_dir) / "config.yaml")  # the run's own resolved config

@@ -123,7 +123,9 @@ def test_bad_inputs_get_one_line_errors(dense_run, small_corpus, tmp_path, capsy
         ([str(dense_run), "sparsity.density=0.01"], "sparsity"),  # 16 wide at 1/100 breaks the per-neuron floor
         ([str(dense_run), "model.num_layers=3"], "layer count"),
         ([str(tmp_path / "nowhere")], "is not a run folder"),
+        ([str(tmp_path / "seed=0")], "is not a run folder"),  # a study trial's folder name holds '='
     ]
+    (tmp_path / "seed=0").mkdir()
     for extra, message in cases:
         args = ["bridge", "--no-progress", *extra[:1], f"bridge.run_dir={tmp_path / 'b'}", "model.d_model=16",
                 "sparsity.density=0.25", "bridge.steps=2", *extra[1:]]
