@@ -4,10 +4,8 @@ inputs in one line."""
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from cli.main import main
-from infra.checkpoint import list_checkpoints
 from pipeline.bridge import bridge_figures, load_bridge
 from pipeline.config import resolve_config
 from pipeline.trial import run_trial
+from tests.killing import kill_after_checkpoints
 
 SCRIPT = Path(sys.executable).parent / "circuitscale"
 KEYS = {"dense_loss", "bridged_loss", "sparse_loss", "nmse_encode_mean", "nmse_decode_mean", "kl_dense_prefix",
@@ -93,13 +91,7 @@ def test_sigkill_then_rerun_is_bit_identical(dense_run, tmp_path):
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert cli(straight).wait(timeout=600) == 0
-    proc = cli(killed)
-    deadline = time.time() + 300
-    while len(list_checkpoints(killed / "checkpoints")) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    done = int(list_checkpoints(killed / "checkpoints")[-1].name.split("-")[1])
+    done = kill_after_checkpoints(cli(killed), killed)
     assert done < 120, "the run finished before it could be killed"
     rerun = cli(killed)
     output = rerun.communicate(timeout=600)[0]
@@ -158,3 +150,13 @@ def test_steer_writes_its_curve_and_control_and_logs_them(dense_run, capsys):
     assert {a.path for a in client.list_artifacts(record["run_id"], "steer/while_return_true")} >= {
         "steer/while_return_true/steering.json", "steer/while_return_true/steering.png"}
     assert main(["steer", "--no-progress", "--task", "no_such_task", str(folder)]) == 2
+
+
+def test_bridge_trains_on_two_deepspeed_workers(dense_run, tmp_path, capsys):
+    """The bridge's loss reaches the pair through DeepSpeed's engine (ZeRO-2 on gloo here)."""
+    args = bridge_args(dense_run, "trial.workers=2", "deepspeed.zero_stage=2", "bridge.steps=20",
+                       f"bridge.run_dir={tmp_path / 'two'}")
+    assert main(args) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(figures) == KEYS and all(math.isfinite(v) for v in figures.values())
+    assert set(load_file(str(tmp_path / "two" / "export" / "bridge.safetensors"))) >= {"encoders.0.weight"}

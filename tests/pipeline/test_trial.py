@@ -29,6 +29,7 @@ from pipeline.tasks import TASKS, encode_task
 from pipeline.tokenizer import eot_id
 from pipeline.train import NonFiniteLoss, make_engine, restore
 from pipeline.trial import build_training, run_trial, trial_rank
+from tests.killing import kill_after_checkpoints
 from tests.reference_paper_gpt import paper_forward
 
 SCRIPT = Path(sys.executable).parent / "circuitscale"
@@ -73,13 +74,7 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(dataset_cac
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     extra = [f"trial.workers={workers}", "train.steps=120"]  # long enough to be killed midway, even under load
     assert cli(tiny(dataset_cache, straight, *extra)).wait(timeout=300) == 0
-    proc = cli(tiny(dataset_cache, killed, *extra))
-    deadline = time.time() + 240
-    while len(list_checkpoints(killed / "checkpoints")) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    steps_done = int(list_checkpoints(killed / "checkpoints")[-1].name.split("-")[1])
+    steps_done = kill_after_checkpoints(cli(tiny(dataset_cache, killed, *extra)), killed, timeout=240)
     assert steps_done < 120, "the run finished before it could be killed"
     time.sleep(1)  # spawned workers die with their parent (PR_SET_PDEATHSIG)
     rerun = cli(tiny(dataset_cache, killed, *extra))
