@@ -155,7 +155,7 @@ def run_tasks(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def run_train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a terminated run is KILLED, not left RUNNING
     try:
         result = run_trial(cfg, device=device, progress=not args.no_progress)
@@ -178,11 +178,16 @@ def run_train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace) -> str:
+    """--device, or cuda when available."""
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_bridge_verb(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     """Train (or resume) the bridge; prints its folder, then a JSON line of its figures."""
     from pipeline.bridge import run_bridge, summary_line
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         folder, final = run_bridge(Path(args.run_dir), cfg, device=device, progress=not args.no_progress)
@@ -202,18 +207,15 @@ def run_steer(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
     if args.nodes < 1 or not args.max_strength > 0:
         raise UserError("steer: --nodes must be >= 1 and --max-strength > 0")
-    if args.task not in TASKS:
-        raise UserError(f"steer: unknown task {args.task!r}; known: {', '.join(TASKS)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     run_dir = Path(args.run_dir)
     result, folder = steer_run(run_dir, cfg, args.task, count=args.nodes, max_strength=args.max_strength,
                                device=device)
     save(steering_figure(result), folder, "steering")
     circuit = result["circuit"]
-    metrics = {f"steer/{args.task}/{k}": float(v) for k, v in
-               [("flip_strength", result["flip_strength"]), ("random_flip_strength", result["random_flip_strength"]),
-                *[(k, circuit.get(k)) for k in ("recovered", "circuit_task_loss", "dense_task_loss")]]
-               if v is not None}
+    figures = {k: result[k] for k in ("flip_strength", "random_flip_strength")} | {
+        k: circuit.get(k) for k in ("recovered", "circuit_task_loss", "dense_task_loss")}
+    metrics = {f"steer/{args.task}/{k}": float(v) for k, v in figures.items() if v is not None}
     log_to_bridge_run(run_dir, cfg, metrics, folder, f"steer/{args.task}")
     print(f"steering of {args.task}: {folder.resolve()} (circuit {circuit['status']}, {circuit['nodes']} nodes; "
           f"cue nodes {result['nodes']} enter at {result['site']})")
@@ -224,7 +226,7 @@ def run_steer(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     run_dir = Path(args.run_dir)
     require_trained(run_dir)  # first: a folder without a model leaves its run as it was

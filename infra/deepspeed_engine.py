@@ -128,12 +128,12 @@ class DeepSpeedEngine:
         tensor at once, so at the paper's widths it holds one parameter's full copy at a time, not the
         whole model and both Adam moments (about 19.5 GB per rank at ef 16)."""
         keep = every_rank or self.rank == 0
+        if not keep and self.stage == 0:
+            return {}  # no collective at stage 0: each rank holds the whole model already
         tensors: dict[str, torch.Tensor] = {}
         step = self._step_count()
         for name, p in self.names:
             if self.stage == 0:
-                if not keep:
-                    continue  # no collective at stage 0: each rank holds the whole model already
                 tensors[f"model/{name}"] = p.detach().clone()
                 state = self.sparse.state.get(p, {})
                 moments = {k: state[k] for k in _MOMENTS if k in state}

@@ -23,7 +23,6 @@ reads it back.
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from infra.distributed import init_process_group, spawn
@@ -50,13 +50,13 @@ from model.bridge import (
 )
 from model.gpt import GPT
 from model.sparsity import sparse_tensors
-from pipeline.circuits import require_trained
+from pipeline.circuits import load_model, require_trained
 from pipeline.config import CONFIG_FILENAME, ExperimentConfig, config_to_yaml, resolve_config, save_config, token_loader
 from pipeline.data import Dataset, build_data
 from pipeline.errors import UserError
 from pipeline.export import export_model
 from pipeline.train import TrainingSetup, bigram_log_probs, make_engine, train
-from pipeline.trial import _silent, _train_sample, engine_kind, flat_params
+from pipeline.trial import config_digest, engine_kind, finished, flat_params, silent, train_sample
 
 SUMMARY = "final_metrics.json"
 BRIDGE_FILE = "bridge.json"
@@ -66,8 +66,8 @@ def bridge_dir_for(cfg: ExperimentConfig) -> Path:
     """`bridge.run_dir`, or runs/bridge/<hash of the resolved config> so a rerun finds its checkpoints."""
     if cfg.bridge.run_dir:
         return Path(cfg.bridge.run_dir).expanduser()
-    anonymous = dataclasses.replace(cfg, bridge=dataclasses.replace(cfg.bridge, run_dir=None))
-    return Path("runs/bridge") / hashlib.sha256(config_to_yaml(anonymous).encode()).hexdigest()[:12]
+    return Path("runs/bridge") / config_digest(dataclasses.replace(cfg, bridge=dataclasses.replace(cfg.bridge,
+                                                                                                    run_dir=None)))
 
 
 def dense_config(dense_run: Path) -> ExperimentConfig:
@@ -84,10 +84,7 @@ def dense_config(dense_run: Path) -> ExperimentConfig:
 
 
 def load_dense(dense_run: Path, vocab_size: int, device: str) -> GPT:
-    cfg = dense_config(dense_run)
-    model = GPT(cfg.model, vocab_size, device=device)
-    model.load_state_dict(load_file(str(Path(dense_run) / "export" / "model.safetensors"), device=str(device)))
-    return model.eval()
+    return load_model(Path(dense_run), dense_config(dense_run), vocab_size, device)
 
 
 def encoder_k(cfg: ExperimentConfig) -> int:
@@ -97,15 +94,11 @@ def encoder_k(cfg: ExperimentConfig) -> int:
 def build_bridge(cfg: ExperimentConfig, dense: GPT, dataset: Dataset, device: str) -> TrainingSetup:
     """The sparse model (seeded), the bridge, the engine over both (the dense model stays frozen outside it)
     and this rank's loaders; the loss is model/bridge.py's with the config's term weights."""
-    if cfg.model.num_layers != dense.cfg.num_layers:
-        raise UserError(f"model.num_layers={cfg.model.num_layers}: a bridge needs the dense model's layer count "
-                        f"({dense.cfg.num_layers})")
     torch.manual_seed(cfg.train.seed)
-    sparse = GPT(cfg.model, dense.vocab_size, device=device)
+    pair = new_pair(cfg, dense)
+    sparse = pair.sparse
     if cfg.model.bigram_table == "fixed":
-        sparse.bigram_table.copy_(bigram_log_probs(_train_sample(dataset), sparse.vocab_size))
-    bridge = Bridge(dense.cfg.d_model, cfg.model.d_model, len(site_names(cfg.model.num_layers)), encoder_k(cfg))
-    pair = BridgedPair(sparse, bridge.to(device), dense)
+        sparse.bigram_table.copy_(bigram_log_probs(train_sample(dataset), sparse.vocab_size))
     tensors = sparse_tensors(sparse, cfg.sparsity)
     t = dataclasses.replace(cfg.train, steps=cfg.bridge.steps)
     engine = make_engine(pair, tensors, t, cfg.sparsity, kind=engine_kind(cfg), deepspeed=cfg.deepspeed)
@@ -115,12 +108,16 @@ def build_bridge(cfg: ExperimentConfig, dense: GPT, dataset: Dataset, device: st
     weights = TermWeights(**{f.name: getattr(cfg.bridge, f.name) for f in dataclasses.fields(TermWeights)})
     batches = [val.batch(i).to(device) for i in range(cfg.train.eval_batches)]
     return TrainingSetup(model=pair, tensors=tensors, engine=engine, loader=loader, val=val,
-                         loss_fn=functools.partial(_loss, weights=weights), lm=sparse,
+                         loss_fn=functools.partial(bridge_loss, weights=weights), lm=sparse,
                          evaluate=lambda: bridge_figures(pair, batches))
 
 
-def _loss(module, batch: torch.Tensor, *, weights: TermWeights) -> torch.Tensor:
-    return bridge_loss(module, batch, weights)
+def new_pair(cfg: ExperimentConfig, dense: GPT, sparse: GPT | None = None) -> BridgedPair:
+    """The config's sparse model (or `sparse`) and a fresh bridge to `dense`, on `dense`'s device."""
+    device = next(dense.parameters()).device
+    sparse = sparse if sparse is not None else GPT(cfg.model, dense.vocab_size, device=device)
+    bridge = Bridge(dense.cfg.d_model, cfg.model.d_model, len(site_names(cfg.model.num_layers)), encoder_k(cfg))
+    return BridgedPair(sparse, bridge.to(device), dense)
 
 
 @torch.no_grad()
@@ -146,11 +143,11 @@ def bridge_figures(pair: BridgedPair, batches: list[torch.Tensor], *, correlatio
         add("dense_loss", ce(dense_logits, targets))
         add("sparse_loss", ce(pair.sparse.unembed(sparse_res[-1], idx), targets))
         for i, name in enumerate(names):
-            add(f"nmse_encode/{name}", nmse(pair.bridge.encode(i, dense_res[i]), sparse_res[i]))
-            add(f"nmse_decode/{name}", nmse(pair.bridge.decode(i, sparse_res[i]), dense_res[i]))
-            hybrid = run_from(pair.sparse, i, pair.bridge.encode(i, dense_res[i]), idx)
-            add(f"kl_dense_prefix/{name}", kl_from(dense_logits, hybrid))
-            substituted = run_from(pair.dense, i, pair.bridge.decode(i, sparse_res[i]), idx)
+            encoded, decoded = pair.bridge.encode(i, dense_res[i]), pair.bridge.decode(i, sparse_res[i])
+            add(f"nmse_encode/{name}", nmse(encoded, sparse_res[i]))
+            add(f"nmse_decode/{name}", nmse(decoded, dense_res[i]))
+            add(f"kl_dense_prefix/{name}", kl_from(dense_logits, run_from(pair.sparse, i, encoded, idx)))
+            substituted = run_from(pair.dense, i, decoded, idx)
             add(f"kl_sparse_prefix/{name}", kl_from(dense_logits, substituted))
             add(f"substituted_loss/{name}", ce(substituted, targets))
             if name == "final":  # every dense site replaced: the sparse model read out through the bridge
@@ -175,23 +172,17 @@ def run_bridge(dense_run: Path, cfg: ExperimentConfig, *, device: str = "cpu", p
     if cfg.model.num_layers != dense.model.num_layers:
         raise UserError(f"model.num_layers={cfg.model.num_layers}: a bridge needs the dense model's layer count "
                         f"({dense.model.num_layers})")
-    run_dir = bridge_dir_for(cfg)
-    if finished(run_dir, cfg):
+    run_dir, dense_run = bridge_dir_for(cfg), Path(dense_run).resolve()
+    if finished(run_dir, cfg, SUMMARY):
         return run_dir, json.loads((run_dir / SUMMARY).read_text())["final"]
     dataset = build_data(cfg.data, progress=progress).dataset
-    rank = functools.partial(bridge_rank, Path(dense_run).resolve(), cfg, dataset.folder, device=device,
-                             progress=progress)
+    rank = functools.partial(bridge_rank, dense_run, cfg, dataset.folder, device=device, progress=progress)
     if cfg.trial.workers == 1:
         rank(log=log)
     else:
-        with tracked_run(_tracking(cfg, Path(dense_run).resolve()), run_dir, params=flat_params(cfg)):
-            spawn(functools.partial(rank, log=print if log is print else _silent), cfg.trial.workers)
+        with tracked_run(_tracking(cfg, dense_run), run_dir, params=flat_params(cfg)):
+            spawn(functools.partial(rank, log=print if log is print else silent), cfg.trial.workers)
     return run_dir, json.loads((run_dir / SUMMARY).read_text())["final"]
-
-
-def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    config = run_dir / CONFIG_FILENAME
-    return (run_dir / SUMMARY).is_file() and config.is_file() and config.read_text() == config_to_yaml(cfg)
 
 
 def bridge_rank(dense_run: Path, cfg: ExperimentConfig, data: Path, *, device: str = "cpu", progress: bool = False,
@@ -202,7 +193,7 @@ def bridge_rank(dense_run: Path, cfg: ExperimentConfig, data: Path, *, device: s
     tick = time.perf_counter()
     rank = init_process_group(cfg.deepspeed.backend)[0] if engine_kind(cfg) == "deepspeed" else 0
     lead = rank == 0
-    say = log if lead else _silent
+    say = log if lead else silent
     run = tracked_run(_tracking(cfg, dense_run), run_dir, params=flat_params(cfg)) if lead else \
         nullcontext(NullTracker())
     with run as tracker:
@@ -218,7 +209,9 @@ def bridge_rank(dense_run: Path, cfg: ExperimentConfig, data: Path, *, device: s
                        device=device, progress=progress and lead, log=say)
         if not lead:
             return
-        pair = _pair_from_state(cfg, dense, result.state)
+        pair = new_pair(cfg, dense)
+        pair.load_state_dict({k[len("model/"):]: v for k, v in result.state.items() if k.startswith("model/")})
+        pair.eval()
         folder = export_bridge(pair, cfg, dataset, dense_run, run_dir / "export")
         batches = [setup.val.batch(i).to(device) for i in range(cfg.train.eval_batches)]
         final = result.final | bridge_figures(pair, batches, correlation=True)
@@ -247,15 +240,6 @@ def _tracking(cfg: ExperimentConfig, dense_run: Path):
     return dataclasses.replace(cfg.tracking, parent_run_id=None, tags={"kind": "bridge", "dense_run": str(dense_run)})
 
 
-def _pair_from_state(cfg: ExperimentConfig, dense: GPT, state: dict[str, torch.Tensor]) -> BridgedPair:
-    device = next(dense.parameters()).device
-    sparse = GPT(cfg.model, dense.vocab_size, device=device)
-    bridge = Bridge(dense.cfg.d_model, cfg.model.d_model, len(site_names(cfg.model.num_layers)), encoder_k(cfg))
-    pair = BridgedPair(sparse, bridge.to(device), dense)
-    pair.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
-    return pair.eval()
-
-
 def export_bridge(pair: BridgedPair, cfg: ExperimentConfig, dataset: Dataset, dense_run: Path, folder: Path) -> Path:
     """The sparse model's export (pipeline/export.py) plus bridge.safetensors and bridge.json."""
     export_model(pair.sparse, config_to_yaml(cfg), dataset, folder)
@@ -275,13 +259,12 @@ def load_bridge(run_dir: Path, device: str = "cpu") -> BridgedPair:
                         "run `circuitscale bridge` first")
     meta = json.loads((folder / BRIDGE_FILE).read_text())
     cfg = resolve_config(folder / "config.yaml")
-    sparse_state = load_file(str(folder / "model.safetensors"), device=device)
-    dense = load_dense(Path(meta["dense_run"]), sparse_state["lm_head.weight"].shape[0], device)
-    sparse = GPT(cfg.model, dense.vocab_size, device=device)
-    sparse.load_state_dict(sparse_state)
-    bridge = Bridge(meta["d_dense"], meta["d_sparse"], len(meta["sites"]), meta["encoder_k"])
-    bridge.load_state_dict(load_file(str(folder / "bridge.safetensors"), device=device))
-    return BridgedPair(sparse, bridge.to(device), dense).eval()
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:  # the header only
+        vocab_size = weights.get_slice("lm_head.weight").get_shape()[0]
+    pair = new_pair(cfg, load_dense(Path(meta["dense_run"]), vocab_size, device),
+                    sparse=load_model(Path(run_dir), cfg, vocab_size, device))
+    pair.bridge.load_state_dict(load_file(str(folder / "bridge.safetensors"), device=device))
+    return pair.eval()
 
 
 def summary_line(final: dict[str, float]) -> dict[str, float | None]:

@@ -74,14 +74,18 @@ def prune_run(run_dir: Path, cfg: ExperimentConfig, dataset: Dataset, tracker: R
 
 def load_for_pruning(run_dir: Path, cfg: ExperimentConfig, dataset: Dataset, device: str = "cpu"):
     """The run's trained model (eval mode, frozen), its tokenizer, and the node means pruning ablates to."""
-    weights = require_trained(run_dir)
     tokenizer = dataset.tokenizer()
-    model = GPT(cfg.model, tokenizer.get_vocab_size(), device=device)
-    model.load_state_dict(load_file(str(weights)))
-    model.eval()
+    model = load_model(run_dir, cfg, tokenizer.get_vocab_size(), device)
     loader = token_loader(cfg, dataset, "train")
     means = node_means(model, loader, cfg.prune.mean_batches, cfg.prune.mean_pooling, device)
     return model, tokenizer, means
+
+
+def load_model(run_dir: Path, cfg: ExperimentConfig, vocab_size: int, device: str = "cpu") -> GPT:
+    """The run's exported model (eval mode); a UserError if the run holds none."""
+    model = GPT(cfg.model, vocab_size, device=device)
+    model.load_state_dict(load_file(str(require_trained(run_dir)), device=str(device)))
+    return model.eval()
 
 
 def require_trained(run_dir: Path) -> Path:

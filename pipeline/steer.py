@@ -29,11 +29,12 @@ from pipeline.bridge import load_bridge
 from pipeline.circuits import viewer_batches, write_viewer
 from pipeline.config import ExperimentConfig, token_loader
 from pipeline.data import build_data
+from pipeline.errors import UserError
 from pipeline.prune import ablation_hooks, gates_from_kept, node_means, prune_task
-from pipeline.tasks import TASKS, EncodedTask, check_task_names, encode_task, pad_prompts, pair_loss
+from pipeline.records import NodeKey
+from pipeline.tasks import TASKS, EncodedTask, encode_task, pad_prompts, pair_loss
 from pipeline.tokenizer import eot_id
 
-NodeKey = tuple[int, str, int]  # (layer, kind, channel)
 _ATTENTION = ("attn_in", "q", "k", "v", "attn_out")
 
 
@@ -70,17 +71,31 @@ def steerable(pair: BridgedPair) -> list[NodeKey]:
             for i in range(size)]
 
 
+@dataclass
+class Prompts:
+    """A task's prompts as one right-padded batch, each row's last position, and (`with_activations`) every
+    node's activation there in the sparse model: what the cue search and every curve share."""
+
+    batch: torch.Tensor  # (sequences, T)
+    rows: torch.Tensor
+    last: torch.Tensor
+    candidates: torch.Tensor  # (sequences, 2): [own answer, the other]
+    acts: dict[Location, torch.Tensor] = field(default_factory=dict)  # (sequences, size) per location
+
+
 @torch.no_grad()
-def _activations(pair: BridgedPair, task: EncodedTask, pad_id: int) -> tuple[torch.Tensor, list[int], dict]:
+def prepare(pair: BridgedPair, task: EncodedTask, pad_id: int, *, with_activations: bool = True) -> Prompts:
     batch, lengths = pad_prompts(task.prompts, pair.sparse.cfg.context_length, pad_id)
     device = next(pair.sparse.parameters()).device
-    batch = batch.to(device)
-    names = {loc: hook_name(loc, pair.sparse.cfg.num_layers) for loc in locations(pair.sparse)}
     rows = torch.arange(len(lengths), device=device)
     last = torch.tensor([n - 1 for n in lengths], device=device)
-    with record(pair.sparse, list(names.values())) as cache:
-        pair.sparse(batch)
-    return batch, lengths, {loc: cache[name][rows, last] for loc, name in names.items()}  # (sequences, size)
+    prompts = Prompts(batch.to(device), rows, last, task.candidates.to(device))
+    if with_activations:
+        names = {loc: hook_name(loc, pair.sparse.cfg.num_layers) for loc in locations(pair.sparse)}
+        with record(pair.sparse, list(names.values())) as cache:
+            pair.sparse(prompts.batch)
+        prompts.acts.update({loc: cache[name][rows, last] for loc, name in names.items()})
+    return prompts
 
 
 def _partner(x: torch.Tensor) -> torch.Tensor:
@@ -88,23 +103,19 @@ def _partner(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, 2, *x.shape[1:]).flip(1).reshape(x.shape)
 
 
-def cue_nodes(pair: BridgedPair, task: EncodedTask, candidates: list[NodeKey], count: int, pad_id: int
-              ) -> list[NodeKey]:
+def cue_nodes(prompts: Prompts, candidates: list[NodeKey], count: int) -> list[NodeKey]:
     """The `count` candidates whose last-token activation differs most between a pair's two prompts."""
-    _, _, acts = _activations(pair, task, pad_id)
+    acts = prompts.acts
     gap = {key: float((_partner(acts[key[:2]][:, key[2]]) - acts[key[:2]][:, key[2]]).abs().mean())
            for key in candidates if key[1] != "final"}
     return sorted(gap, key=lambda k: (-gap[k], k))[:count]
 
 
 @torch.no_grad()
-def steering_curve(pair: BridgedPair, task: EncodedTask, nodes: list[NodeKey], strengths: list[float], pad_id: int
+def steering_curve(pair: BridgedPair, prompts: Prompts, nodes: list[NodeKey], strengths: list[float]
                    ) -> tuple[int, list[list[float]]]:
     """(site, [[s, mean P(own answer)] ...]) for edits of `nodes` toward each prompt's partner."""
-    batch, lengths, acts = _activations(pair, task, pad_id)
-    device = batch.device
-    rows = torch.arange(len(lengths), device=device)
-    last = torch.tensor([n - 1 for n in lengths], device=device)
+    batch, rows, last, acts, device = prompts.batch, prompts.rows, prompts.last, prompts.acts, prompts.batch.device
     layers = pair.sparse.cfg.num_layers
     site = max(node_site(layer, kind, layers) for layer, kind, _ in nodes)
     by_location: dict[Location, list[int]] = {}
@@ -112,7 +123,6 @@ def steering_curve(pair: BridgedPair, task: EncodedTask, nodes: list[NodeKey], s
         by_location.setdefault((layer, kind), []).append(i)
     base = residuals(pair.sparse, batch)[site]
     dense = residuals(pair.dense, batch)[site]
-    candidates = task.candidates.to(device)
     curve = []
     for s in strengths:
         def edit(loc: Location, s: float = s):
@@ -130,7 +140,7 @@ def steering_curve(pair: BridgedPair, task: EncodedTask, nodes: list[NodeKey], s
             edited = residuals(pair.sparse, batch)[site]
         delta = pair.bridge.decode(site, edited) - pair.bridge.decode(site, base)
         logits = run_from(pair.dense, site, dense + delta, batch)[rows, last]  # (sequences, vocab)
-        pair_logits = logits.gather(1, candidates)  # [own answer, the other]
+        pair_logits = logits.gather(1, prompts.candidates)  # [own answer, the other]
         curve.append([float(s), float(torch.softmax(pair_logits.float(), dim=-1)[:, 0].mean())])
     return site, curve
 
@@ -163,12 +173,13 @@ def flip_strength(curve: list[list[float]]) -> float | None:
 def steer(pair: BridgedPair, task: EncodedTask, candidates: list[NodeKey], *, count: int, strengths: list[float],
           pad_id: int, seed: int = 0) -> SteerResult:
     """Cue nodes among `candidates` (the circuit), their steering curve, and the random control's."""
-    nodes = cue_nodes(pair, task, candidates, count, pad_id)
-    site, curve = steering_curve(pair, task, nodes, strengths, pad_id)
+    prompts = prepare(pair, task, pad_id)
+    nodes = cue_nodes(prompts, candidates, count)
+    site, curve = steering_curve(pair, prompts, nodes, strengths)
     pool = [k for k in steerable(pair) if k not in set(nodes)]
     generator = torch.Generator().manual_seed(seed)
     random_nodes = sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[: len(nodes)].tolist())
-    _, random_curve = steering_curve(pair, task, random_nodes, strengths, pad_id)
+    _, random_curve = steering_curve(pair, prompts, random_nodes, strengths)
     return SteerResult(task=task.name, site=site_names(pair.sparse.cfg.num_layers)[site], nodes=nodes, curve=curve,
                        flip_strength=flip_strength(curve), random_nodes=random_nodes, random_curve=random_curve,
                        random_flip_strength=flip_strength(random_curve))
@@ -180,23 +191,19 @@ def circuit_through_bridge(pair: BridgedPair, task: EncodedTask, kept, means, pa
     task loss with its final residual replaced by the decoded final residual of the sparse model in which
     only `kept` nodes run (the rest mean-ablated), next to the dense model's own loss and the same
     replacement with every sparse node kept and with none. `recovered` = (none - circuit) / (none - dense)."""
-    batch, lengths = pad_prompts(task.prompts, pair.sparse.cfg.context_length, pad_id)
-    device = next(pair.sparse.parameters()).device
-    batch = batch.to(device)
-    rows = torch.arange(len(lengths), device=device)
-    last = torch.tensor([n - 1 for n in lengths], device=device)
-    candidates = task.candidates.to(device)
-    final = len(residuals(pair.dense, batch[:, :1])) - 1
+    prompts = prepare(pair, task, pad_id, with_activations=False)
+    batch = prompts.batch
+    final = len(site_names(pair.sparse.cfg.num_layers)) - 1
 
     def loss(logits: torch.Tensor) -> float:
-        return float(pair_loss(logits[rows, last].gather(1, candidates)).mean())
+        return float(pair_loss(logits[prompts.rows, prompts.last].gather(1, prompts.candidates)).mean())
 
     def bridged(nodes) -> float:
         with intervene(pair.sparse, ablation_hooks(pair.sparse, gates_from_kept(nodes), means)):
             x = residuals(pair.sparse, batch)[final]
         return loss(pair.dense.unembed(pair.bridge.decode(final, x), batch))
 
-    none = {loc: torch.zeros_like(mask) for loc, mask in all_kept(pair.sparse).items()}
+    none = kept_nodes(pair.sparse, [])
     out = {"dense_task_loss": loss(pair.dense(batch)), "bridged_task_loss": bridged(all_kept(pair.sparse)),
            "circuit_task_loss": bridged(kept), "ablated_task_loss": bridged(none)}
     gap = out["ablated_task_loss"] - out["dense_task_loss"]
@@ -208,7 +215,8 @@ def steer_run(run_dir: Path, cfg: ExperimentConfig, task_name: str, *, count: in
               points: int = 31, device: str = "cpu", log=print) -> tuple[dict, Path]:
     """`circuitscale steer`: the task's circuit in a finished bridge run's sparse model, what it explains of
     the dense model, the steering curve and its control; writes `<run>/steer/<task>/steering.json`."""
-    check_task_names([task_name])
+    if task_name not in TASKS:
+        raise UserError(f"steer: unknown task {task_name!r}; known: {', '.join(TASKS)}")
     pair = load_bridge(Path(run_dir), device)
     dataset = build_data(cfg.data, progress=False).dataset
     tokenizer = dataset.tokenizer()
@@ -225,7 +233,7 @@ def steer_run(run_dir: Path, cfg: ExperimentConfig, task_name: str, *, count: in
     folder = Path(run_dir) / "steer" / task_name
     folder.mkdir(parents=True, exist_ok=True)
     if record.status == "found":
-        members = [(n.layer, n.kind, n.index) for n in record.nodes]
+        members = [n.key for n in record.nodes]
         circuit |= circuit_through_bridge(pair, test, kept_nodes(pair.sparse, members), means, pad_id)
         write_viewer(folder / "circuit.html", record, pair.sparse, tokenizer, test, viewer_batches(cfg, dataset),
                      model_name=f"bridge {Path(run_dir).name}", device=device,

@@ -70,8 +70,13 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     """`train.run_dir`, or runs/train/<hash of the resolved config> so a rerun finds its checkpoints."""
     if cfg.train.run_dir:
         return Path(cfg.train.run_dir).expanduser()
-    anonymous = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=None))
-    return Path("runs/train") / hashlib.sha256(config_to_yaml(anonymous).encode()).hexdigest()[:12]
+    return Path("runs/train") / config_digest(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                                                  run_dir=None)))
+
+
+def config_digest(cfg: ExperimentConfig) -> str:
+    """12 hex digits of the resolved config's hash: the default folder name of a run (trial or bridge)."""
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:12]
 
 
 def flat_params(cfg: ExperimentConfig) -> dict[str, object]:
@@ -106,7 +111,7 @@ def run_trial(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = Tr
         # this process holds the run as well, and has the last word on its status: a rank that dies without
         # a word, or one stopped because another failed, still leaves the run FAILED with the real cause
         with tracked_run(cfg.tracking, run_dir, params=flat_params(cfg)):
-            spawn(functools.partial(rank, log=print if log is print else _silent), cfg.trial.workers)
+            spawn(functools.partial(rank, log=print if log is print else silent), cfg.trial.workers)
     return TrialResult.read(run_dir)
 
 
@@ -126,7 +131,7 @@ def trial_rank(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = F
     # run from the start: a failure while building the model or the engine is recorded too
     rank = init_process_group(cfg.deepspeed.backend)[0] if engine_kind(cfg) == "deepspeed" else 0
     lead = rank == 0
-    say = log if lead else _silent
+    say = log if lead else silent
     run = tracked_run(cfg.tracking, run_dir, params=flat_params(cfg)) if lead else nullcontext(NullTracker())
     with run as tracker:
         if lead:
@@ -174,7 +179,7 @@ def build_training(cfg: ExperimentConfig, dataset: Dataset, device: str) -> Trai
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model, dataset.manifest["tokenizer"]["vocab_size"], device=device)
     if cfg.model.bigram_table == "fixed":
-        model.bigram_table.copy_(bigram_log_probs(_train_sample(dataset), model.vocab_size))
+        model.bigram_table.copy_(bigram_log_probs(train_sample(dataset), model.vocab_size))
     tensors = sparse_tensors(model, cfg.sparsity)
     engine = make_engine(model, tensors, cfg.train, cfg.sparsity, kind=engine_kind(cfg), deepspeed=cfg.deepspeed)
     t = cfg.train
@@ -191,10 +196,11 @@ def engine_kind(cfg: ExperimentConfig) -> str:
     return "deepspeed" if cfg.trial.workers > 1 else "torch"
 
 
-def finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """The trial's record exists (it is written last) and the run folder holds this very config."""
+def finished(run_dir: Path, cfg: ExperimentConfig, record: str = TRIAL_FILE) -> bool:
+    """The run's `record` exists (it is written last: the trial record, or a bridge's summary) and the run
+    folder holds this very config."""
     config = run_dir / CONFIG_FILENAME
-    return (run_dir / TRIAL_FILE).is_file() and config.is_file() and config.read_text() == config_to_yaml(cfg)
+    return (run_dir / record).is_file() and config.is_file() and config.read_text() == config_to_yaml(cfg)
 
 
 def finished_metrics(run_dir: Path) -> dict[str, float]:
@@ -232,11 +238,11 @@ def _trial_metrics(trial: TrialRecord) -> dict[str, float]:
     return out
 
 
-def _silent(message: str) -> None:
+def silent(message: str) -> None:
     """The log of ranks other than 0 (a module-level function, so it crosses into spawned processes)."""
 
 
-def _train_sample(dataset: Dataset, max_tokens: int = 1 << 22) -> torch.Tensor:
+def train_sample(dataset: Dataset, max_tokens: int = 1 << 22) -> torch.Tensor:
     """Training tokens for the counts of a fixed bigram table."""
     first = dataset.shards("train")[0]
     return torch.from_numpy(map_shard(dataset.folder / first["file"])[:max_tokens].astype("int64"))

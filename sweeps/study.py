@@ -79,6 +79,8 @@ def study_mirror(study: StudyConfig) -> Mirror | None:
 # what the driver leaves to others when it pushes the study folder: the trials' and LR candidates' own
 # folders (their rank 0 pushes them) and Ray's experiment state (Ray writes it to the URI itself)
 _DRIVER_SKIPS = ("trials", "lr_search", "ray", "train")
+# what the driver pulls back: everything but checkpoints (the trials' ranks pull their own) and Ray's state
+_PULL_SKIPS = ("checkpoints", "ray", "train")
 
 
 def trial_configs(study: StudyConfig, trials: list[TrialSpec], folder: Path, uri: str, parent: str
@@ -161,7 +163,7 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, report: R
     study, trials = load_study(path, overrides)
     folder, mirror = study_folder(study), study_mirror(study)
     if mirror is not None:  # a rerun elsewhere: the MLflow store, parent run and records come back first
-        mirror.pull(folder, exclude=("checkpoints", "ray", "train"))
+        mirror.pull(folder, exclude=_PULL_SKIPS)
     (folder / "trials").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, folder / "study.yaml")
     (folder / "overrides.txt").write_text("\n".join(overrides or []) + "\n", encoding="utf-8")
@@ -247,10 +249,11 @@ def _with_searched_lrs(study: StudyConfig, trials: list[TrialSpec], configs: dic
 
 
 def _ray_storage(study: StudyConfig, folder: Path, part: str) -> str:
-    """Ray Tune's and Ray Train's storage_path: in the study folder, or straight at the URI (Ray writes
-    pyarrow filesystems itself)."""
-    mirror = study_mirror(study)
-    return f"{mirror.uri}/{part}" if mirror is not None else str(folder / part)
+    """Ray Tune's and Ray Train's storage_path: in the study folder, or straight at the URI (Ray opens
+    pyarrow filesystems itself, so the URI is only named here, never opened)."""
+    if is_uri(study.storage_path):
+        return "/".join([study.storage_path.rstrip("/"), study.name, part])
+    return str(folder / part)
 
 
 def init_ray(verbose: int = 1) -> None:
@@ -288,7 +291,7 @@ def _fit(study: StudyConfig, configs: dict, datasets: dict[str, str], folder: Pa
     grid = tuner.fit()
     mirror = study_mirror(study)
     if mirror is not None:  # the records the trials' ranks pushed, wherever they ran (not their checkpoints)
-        mirror.pull(folder, exclude=("checkpoints", "ray", "train"))
+        mirror.pull(folder, exclude=_PULL_SKIPS)
     results, failed = {}, {}
     for result in grid:
         trial = result.config["trial"]
