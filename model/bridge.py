@@ -102,9 +102,13 @@ class TermWeights:
 
 
 def nmse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error over the target's squared norm (per token position, then averaged)."""
-    error = (prediction.float() - target.float()).pow(2).sum(-1)
-    return (error / target.float().pow(2).sum(-1).clamp_min(1e-8)).mean()
+    """Squared error summed over every position, over the target's squared norm summed the same way (the
+    fraction of the target's energy left unexplained). The denominator is a constant to the gradient: the
+    sparse model cannot lower the term by inflating its own residual. (A per-position ratio, averaged, blew
+    up on a real run: a sparse embedding row with no weight left gives a zero residual at `h0.pre`, and
+    those few positions, at ratios up to 3e4, decided the whole term and its gradient.)"""
+    error = (prediction.float() - target.float()).pow(2).sum()
+    return error / target.detach().float().pow(2).sum().clamp_min(1e-8)
 
 
 def kl_from(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

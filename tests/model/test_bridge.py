@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from model.bridge import Bridge, BridgedPair, bridge_terms, residuals, run_from, site_names
+from model.bridge import Bridge, BridgedPair, bridge_terms, nmse, residuals, run_from, site_names
 from model.config import ModelConfig
 from model.gpt import GPT
 
@@ -53,6 +53,21 @@ def test_a_perfect_bridge_leaves_every_term_at_zero_and_substitution_unchanged()
     for site in range(5):  # the dense model with one site replaced through the bridge
         hybrid = run_from(dense, site, bridge.decode(site, bridge.encode(site, dense_res[site])), idx)
         assert torch.allclose(hybrid, dense(idx), atol=1e-5)
+
+
+def test_nmse_is_the_unexplained_fraction_and_a_zero_residual_cannot_blow_it_up():
+    """A real sparse embedding had rows with no weight left: its residual at h0.pre was exactly zero at
+    those tokens, and a per-position ratio made the term 3e4 there. The ratio of sums stays bounded."""
+    target = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(0))
+    assert float(nmse(torch.zeros_like(target), target)) == pytest.approx(1.0)
+    assert float(nmse(target, target)) == 0.0
+    assert float(nmse(0.5 * target, target)) == pytest.approx(0.25)
+    target[0, 3] = 0.0  # one position of the target with nothing in it
+    prediction = target + 0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    assert float(nmse(prediction, target)) < 0.05
+    grown = target.clone().requires_grad_(True)  # the target's own norm gets no gradient through the denominator
+    nmse(target, grown).backward()
+    assert torch.count_nonzero(grown.grad) == 0
 
 
 @torch.no_grad()
