@@ -15,7 +15,9 @@ that found it, by interpolating dense log-edges linearly in validation loss betw
 models whose losses bracket the sparse one (no extrapolation: a sparse model outside the dense range is
 unmatched and listed). The ratio is the geometric mean over matches, taken as the mean over (task, seed)
 units of their mean log ratio, with a percentile bootstrap 95% interval over those units
-(`scipy.stats.bootstrap`); per task, the same over that task's matches.
+(`scipy.stats.bootstrap`); per task, the same over that task's matches. The same ratio is computed again
+with each circuit's size from the gradient-attribution ranking, and from the smaller of the two
+(`SIZES`): a direction that flips with the pruning method is not a finding about the models.
 """
 
 import math
@@ -202,13 +204,25 @@ class Ratio:
     units: int  # resampling units
 
 
-def match_task(records: list[TrialRecord], task: str) -> tuple[list[Match], list[Unmatched]]:
-    """Every sparse model that found `task`, matched at its loss against the dense models that found it."""
+# How big a found circuit is, by pruning method (METHOD.md 4): the learned masks' circuit (the paper's
+# measure, the headline), the gradient-attribution ranking's at the same target, and the smaller of the
+# two (both reach the target on the train pairs, so the smaller bounds the minimal circuit more tightly).
+SIZES: dict[str, Callable[[object], int | None]] = {
+    "learned_masks": lambda c: c.edges,
+    "attribution": lambda c: c.attribution_edges,
+    "smallest": lambda c: c.edges if c.attribution_edges is None else min(c.edges, c.attribution_edges),
+}
+
+
+def match_task(records: list[TrialRecord], task: str, size: Callable[[object], int | None] = SIZES["learned_masks"]
+               ) -> tuple[list[Match], list[Unmatched]]:
+    """Every sparse model that found `task`, matched at its loss against the dense models that found it;
+    a circuit's size is `size(circuit)` (edges; None: not measured, the circuit is left out)."""
     def found(r: TrialRecord):
         c = r.circuits.get(task)
-        return c if c is not None and c.status == "found" else None
+        return c if c is not None and c.status == "found" and size(c) is not None else None
 
-    dense = sorted((r.val_loss, max(c.edges, 1), r.trial) for r in records if r.dense and (c := found(r)))
+    dense = sorted((r.val_loss, max(size(c), 1), r.trial) for r in records if r.dense and (c := found(r)))
     matches, unmatched = [], []
     for r in records:
         c = found(r)
@@ -224,7 +238,7 @@ def match_task(records: list[TrialRecord], task: str) -> tuple[list[Match], list
         (l0, e0, t0), (l1, e1, t1) = lower[-1], upper[0]
         w = 0.0 if l1 == l0 else (r.val_loss - l0) / (l1 - l0)
         interpolated = float(np.exp((1 - w) * np.log(e0) + w * np.log(e1)))
-        matches.append(Match(task, r.trial, r.seed, r.val_loss, max(c.edges, 1), interpolated, (t0, l0, e0),
+        matches.append(Match(task, r.trial, r.seed, r.val_loss, max(size(c), 1), interpolated, (t0, l0, e0),
                              (t1, l1, e1)))
     return matches, unmatched
 

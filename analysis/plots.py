@@ -52,18 +52,22 @@ def frontier_figure(trials: list[TrialPoint], front: list[int], tasks: list[str]
     return _finish(fig, ax, "pretraining validation loss (nats/token)", title)
 
 
-def ratio_figure(task_ratios: dict[str, Ratio], overall: Ratio | None):
+def ratio_figure(task_ratios: dict[str, Ratio], overall: Ratio | None,
+                 by_method: dict[str, Ratio | None] | None = None):
     """Sparse / dense circuit edges at matched loss per task and overall, with bootstrap 95% intervals
-    (log scale; 1 = no difference, left of it the sparse circuits are smaller)."""
-    rows = [(t, r) for t, r in task_ratios.items()] + ([("all tasks", overall)] if overall else [])
+    (log scale; 1 = no difference, left of it the sparse circuits are smaller); below, in orange, the
+    overall ratio again with circuits sized by the other pruning methods of `by_method`."""
+    rows = [(t, r, "tab:blue", "o") for t, r in task_ratios.items()]
+    rows += [("all tasks", overall, "k", "D")] if overall else []
+    rows += [(f"all tasks, {name.replace('_', ' ')}", r, "tab:orange", "D")
+             for name, r in (by_method or {}).items() if r is not None and name != "learned_masks"]
     fig, ax = subplots(figsize=(7, 1.2 + 0.4 * max(len(rows), 1)))
     if rows:
-        for y, (name, r) in enumerate(rows):
+        for y, (_, r, color, marker) in enumerate(rows):
             low, high = r.ci95 if r.ci95 else (r.value, r.value)
-            ax.plot([low, high], [y, y], "-", color="k" if name == "all tasks" else "tab:blue", lw=2)
-            ax.plot([r.value], [y], "D" if name == "all tasks" else "o", color="k" if name == "all tasks" else
-                    "tab:blue")
-        ax.set_yticks(range(len(rows)), [f"{n} (n={r.n})" for n, r in rows], fontsize=8)
+            ax.plot([low, high], [y, y], "-", color=color, lw=2)
+            ax.plot([r.value], [y], marker, color=color)
+        ax.set_yticks(range(len(rows)), [f"{n} (n={r.n})" for n, r, _, _ in rows], fontsize=8)
         ax.axvline(1.0, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from analysis.frontier import (
+    SIZES,
     Fit,
     Match,
     PointSummary,
@@ -57,6 +58,7 @@ class Analysis:
     matches: list[Match]  # sparse circuits matched against dense ones at the same loss
     unmatched: list[Unmatched]
     ratio: Ratio | None  # the headline: sparse / dense edges at matched loss
+    by_method: dict[str, Ratio | None]  # the same ratio per circuit size (frontier.SIZES), learned masks first
     task_ratios: dict[str, Ratio]
     necessity: dict[str, Ratio | None]  # "sparse" / "dense": necessity loss / sufficiency loss
     attribution: dict[str, Ratio | None]  # "sparse" / "dense": attribution-baseline edges / learned-mask edges
@@ -65,6 +67,12 @@ class Analysis:
     @property
     def ratio_tasks(self) -> list[str]:
         return sorted({m.task for m in self.matches})
+
+    @property
+    def direction_depends_on_method(self) -> bool:
+        """Whether the ratio lies below 1 by one way of sizing circuits and above it by another."""
+        values = [r.value for r in self.by_method.values() if r is not None]
+        return any(v < 1 for v in values) and any(v > 1 for v in values)
 
 
 def analyse(records: list[TrialRecord]) -> Analysis:
@@ -78,6 +86,8 @@ def analyse(records: list[TrialRecord]) -> Analysis:
         found, missed = match_task(records, task)
         matches += found
         unmatched += missed
+    by_method = {name: edge_ratio([m for t in candidates for m in match_task(records, t, size)[0]])
+                 for name, size in SIZES.items()}
     sparse = [(p.record, p.edges) for p in trials if not p.record.dense]
     fits = {
         "edges_vs_width_at_density": grouped_fits((r.density, r.d_model, edges) for r, edges in sparse),
@@ -88,7 +98,7 @@ def analyse(records: list[TrialRecord]) -> Analysis:
     kinds = {"sparse": False, "dense": True}
     return Analysis(
         trials=trials, tasks=tasks, direct=direct, points=point_summaries(trials), front=front, matches=matches,
-        unmatched=unmatched, ratio=edge_ratio(matches), task_ratios=per_task_ratios(matches),
+        unmatched=unmatched, ratio=edge_ratio(matches), by_method=by_method, task_ratios=per_task_ratios(matches),
         necessity={k: circuit_ratio(records, candidates, d, necessity_over_sufficiency) for k, d in kinds.items()},
         attribution={k: circuit_ratio(records, candidates, d, attribution_over_learned) for k, d in kinds.items()},
         fits=fits)
@@ -115,7 +125,7 @@ def write_report(study_folder: str | Path, *, wall_s: float | None = None) -> Re
     a = analyse(trial_records(study_folder))
     figures = {
         "frontier": save(frontier_figure(a.trials, a.front, a.tasks), folder, "frontier"),
-        "ratios": save(ratio_figure(a.task_ratios, a.ratio), folder, "ratios"),
+        "ratios": save(ratio_figure(a.task_ratios, a.ratio, a.by_method), folder, "ratios"),
         "size_vs_target": save(target_curve_figure(a.trials), folder, "size_vs_target"),
         "task_sizes": save(task_sizes_figure(a.trials), folder, "task_sizes"),
         "structure": save(structure_figure(a.trials), folder, "structure"),
@@ -149,6 +159,8 @@ def headline_figures(a: Analysis, wall_s: float | None) -> dict:
         "sparse_dense_edge_ratio": a.ratio.value if a.ratio else None,
         "sparse_dense_edge_ratio_ci95": list(a.ratio.ci95) if a.ratio and a.ratio.ci95 else None,
         "ratio_tasks": a.ratio_tasks,
+        "sparse_dense_edge_ratio_by_method": {k: ratio(r) for k, r in a.by_method.items()},
+        "direction_depends_on_pruning_method": a.direction_depends_on_method,
         "ratio_matches": len(a.matches),
         "per_task_ratio": {t: ratio(r) for t, r in a.task_ratios.items()},
         "direct_path_tasks": sorted(a.direct),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from analysis.frontier import (
+    SIZES,
     attribution_over_learned,
     bootstrap_geomean,
     circuit_ratio,
@@ -128,3 +129,22 @@ def test_grouped_fits_fit_each_group():
     points = [(d, w, w * (2 if d == 0.5 else 1)) for d in (0.5, 0.25) for w in (32, 64)]
     fits = grouped_fits(points + [(0.125, 32, 1.0), (0.125, 64, None)])  # 0.125: one point, no fit
     assert list(fits) == [0.25, 0.5] and all(f.slope == pytest.approx(1.0) for f in fits.values())
+
+
+def test_circuits_sized_by_another_pruning_method_can_reverse_the_ratio():
+    """The learned masks find sparse circuits 10x smaller than dense ones; the attribution ranking finds
+    the dense ones smaller still, so by it (and by the smaller of the two) the sparse model loses."""
+    def attribution(edges: int | None) -> dict:
+        return {"t": {"attribution_edges": edges}}
+
+    records = [record("d0", 32, 1.0, 4.0, {"t": 1000}, extra=attribution(50)),
+               record("d1", 64, 1.0, 3.0, {"t": 1000}, extra=attribution(50)),
+               record("s0", 64, 0.25, 3.5, {"t": 100}, extra=attribution(200)),
+               record("s1", 64, 0.25, 3.5, {"t": 100}, extra=attribution(None), seed=1)]
+    by_masks = match_task(records, "t")[0]
+    assert [m.ratio for m in by_masks] == pytest.approx([0.1, 0.1])
+    by_attribution = match_task(records, "t", SIZES["attribution"])[0]
+    assert [(m.trial, m.edges, m.dense_edges) for m in by_attribution] == [("s0", 200, pytest.approx(50.0))]
+    smallest = match_task(records, "t", SIZES["smallest"])[0]  # s1 has no attribution circuit: its masks' size
+    assert [(m.trial, m.edges, m.ratio) for m in smallest] == [("s0", 100, pytest.approx(2.0)),
+                                                               ("s1", 100, pytest.approx(2.0))]

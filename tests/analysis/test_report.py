@@ -36,6 +36,12 @@ def test_report_writes_markdown_html_figures_and_the_headline(seeded_study):
                                  "002-d_model=64-density=0.25": 2, "003-d_model=32-density=0.25": 2}
     assert headline["tasks"] == ["a", "b"] and headline["coverage"]["003-d_model=32-density=0.25-seed=1"] == [1, 2]
     assert headline["per_task_ratio"]["a"]["n"] == 3 and headline["necessity_sufficiency_ratio"]["sparse"]["units"] == 4
+    methods = headline["sparse_dense_edge_ratio_by_method"]
+    assert list(methods) == ["learned_masks", "attribution", "smallest"]
+    assert methods["learned_masks"]["value"] == pytest.approx(a.ratio.value)
+    assert methods["attribution"] is None  # no dense circuit has an attribution size here: nothing to match
+    assert methods["smallest"]["value"] == pytest.approx(a.ratio.value)  # attribution (30) beats no mask circuit
+    assert headline["direction_depends_on_pruning_method"] is False
     assert (headline["trials"], headline["wall_s"], headline["trial_work_s"]) == (6, 40.0, 90.0)
     md = (report.folder / "report.md").read_text()
     assert f"sparse / dense circuit edges at matched pretraining loss: {a.ratio.value:.3g} (95% CI" in md
@@ -69,3 +75,20 @@ def test_report_verb_rewrites_the_report_and_rejects_other_folders(study, tmp_pa
     assert f"report: {(study / 'report' / 'report.html').resolve()}" in out and "4 trials" in out
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a study folder" in capsys.readouterr().err
+
+
+def test_report_says_when_the_direction_depends_on_the_pruning_method(tmp_path):
+    from tests.analysis.conftest import record, write_study
+
+    flip = {"t": {"attribution_edges": 10}}
+    folder = write_study(tmp_path / "flip", [
+        record("000-d_model=32-density=1.0", 32, 1.0, 4.0, {"t": 1000}, extra=flip),
+        record("001-d_model=64-density=1.0", 64, 1.0, 3.0, {"t": 1000}, extra=flip),
+        record("002-d_model=64-density=0.25", 64, 0.25, 3.5, {"t": 100}, extra={"t": {"attribution_edges": 400}})])
+    report = write_report(folder)
+    methods = report.headline["sparse_dense_edge_ratio_by_method"]
+    assert methods["learned_masks"]["value"] == pytest.approx(0.1)
+    assert methods["attribution"]["value"] == pytest.approx(40) and methods["smallest"]["value"] == pytest.approx(10)
+    assert report.headline["direction_depends_on_pruning_method"]
+    md = (report.folder / "report.md").read_text()
+    assert "**The direction depends on the pruning method" in md and "the smaller of the two per circuit 10" in md
