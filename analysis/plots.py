@@ -58,7 +58,7 @@ def ratio_figure(task_ratios: dict[str, Ratio], overall: Ratio | None,
     (log scale; 1 = no difference, left of it the sparse circuits are smaller); below, in orange, the
     overall ratio again with circuits sized by the other pruning methods of `by_method`."""
     rows = [(t, r, "tab:blue", "o") for t, r in task_ratios.items()]
-    rows += [("all tasks", overall, "k", "D")] if overall else []
+    rows += [("all tasks, learned masks" if by_method else "all tasks", overall, "k", "D")] if overall else []
     rows += [(f"all tasks, {name.replace('_', ' ')}", r, "tab:orange", "D")
              for name, r in (by_method or {}).items() if r is not None and name != "learned_masks"]
     fig, ax = subplots(figsize=(7, 1.2 + 0.4 * max(len(rows), 1)))
