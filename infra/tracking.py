@@ -58,10 +58,15 @@ class RunTracker:
     def _open_run(self, cfg: TrackingConfig, run_name: str, params: dict[str, object]) -> tuple[str, bool]:
         experiment = cfg.experiment
         record = self.run_dir / RUN_FILE
+        previous = None
         if record.is_file():
-            run_id = json.loads(record.read_text())["run_id"]
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id, True
+            saved = json.loads(record.read_text())
+            if self._holds(saved["run_id"]):
+                self.client.update_run(saved["run_id"], status="RUNNING")
+                return saved["run_id"], True
+            # the folder names a run this store does not hold (a copied run folder, or another tracking.uri):
+            # a new run here, tagged with the one it continues
+            previous = f"{saved['run_id']} at {saved.get('uri', '?')}"
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             experiment_id = found.experiment_id
@@ -71,6 +76,7 @@ class RunTracker:
             artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri() if local else None
             experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
         tags = dict(cfg.tags) | ({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})
+        tags |= {"circuitscale.continues": previous} if previous else {}
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         from mlflow.entities import Param  # on use, as MlflowClient above
 
@@ -78,6 +84,18 @@ class RunTracker:
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()])
         record.write_text(json.dumps({"run_id": run.info.run_id, "uri": self.uri}))
         return run.info.run_id, False
+
+    def _holds(self, run_id: str) -> bool:
+        """Whether this store has the run (any other failure, a server that is down say, propagates)."""
+        from mlflow.exceptions import MlflowException  # on use, as MlflowClient above
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = int(time.time() * 1000)

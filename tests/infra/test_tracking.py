@@ -53,3 +53,22 @@ def test_tracked_run_owns_the_status_of_every_outcome(tmp_path, raised, status, 
     assert run.info.status == status and run.data.tags.get("failure_reason") == reason
     with tracked_run(cfg, tmp_path / "run") as again:  # the same folder continues the same run
         assert again.resumed and again.run_id == tracker.run_id
+
+
+def test_a_copied_run_folder_gets_a_new_run_in_its_new_store(tmp_path):
+    """A run folder copied elsewhere and pruned with another tracking.uri named a run that store does not
+    hold, and MLflow's "Run with id=... not found" came out as a traceback."""
+    original = tmp_path / "original"
+    with tracked_run(TrackingConfig(experiment="e"), original) as first:
+        pass
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "mlflow_run.json").write_text((original / "mlflow_run.json").read_text())
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    with tracked_run(TrackingConfig(uri=elsewhere, experiment="e"), copy) as second:
+        assert not second.resumed and second.run_id != first.run_id
+    run = MlflowClient(tracking_uri=elsewhere).get_run(second.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["circuitscale.continues"].startswith(first.run_id)
+    assert json.loads((copy / "mlflow_run.json").read_text())["run_id"] == second.run_id
+    with tracked_run(TrackingConfig(uri=elsewhere, experiment="e"), copy) as third:  # and resumes from then on
+        assert third.resumed and third.run_id == second.run_id
