@@ -12,8 +12,8 @@
    dense model's probability of the prompt's own answer between the two candidates, averaged over the
    held-out prompts. It starts at the dense model's own preference (s = 0); the flip strength is the
    smallest s at which it drops below 1/2 (None if it never does up to the largest strength).
-4. The control: a random node set of the same size (drawn from every residual-site node of the sparse
-   model except the chosen ones, seeded), edited the same way.
+4. The control: a random node set of the same size, drawn (seeded) from the same candidates (the circuit)
+   among the nodes that differ at all between a pair's prompts (`control_nodes`), edited the same way.
 """
 
 import json
@@ -103,12 +103,33 @@ def _partner(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, 2, *x.shape[1:]).flip(1).reshape(x.shape)
 
 
+def cue_gaps(prompts: Prompts, candidates: list[NodeKey]) -> dict[NodeKey, float]:
+    """Each candidate's mean |partner - own| last-token activation over the prompts."""
+    acts = prompts.acts
+    return {key: float((_partner(acts[key[:2]][:, key[2]]) - acts[key[:2]][:, key[2]]).abs().mean())
+            for key in candidates if key[1] != "final"}
+
+
 def cue_nodes(prompts: Prompts, candidates: list[NodeKey], count: int) -> list[NodeKey]:
     """The `count` candidates whose last-token activation differs most between a pair's two prompts."""
-    acts = prompts.acts
-    gap = {key: float((_partner(acts[key[:2]][:, key[2]]) - acts[key[:2]][:, key[2]]).abs().mean())
-           for key in candidates if key[1] != "final"}
+    gap = cue_gaps(prompts, candidates)
     return sorted(gap, key=lambda k: (-gap[k], k))[:count]
+
+
+def control_nodes(pair: BridgedPair, prompts: Prompts, candidates: list[NodeKey], chosen: list[NodeKey],
+                  seed: int) -> list[NodeKey]:
+    """The control: as many nodes as `chosen`, drawn at random (seeded) from the same candidates among those
+    that differ at all between a pair's prompts; topped up from every other node of the sparse model that
+    does. (A node equal in both prompts, such as the embedding of the shared last token, is moved nowhere
+    by an edit toward its partner: drawn as a control, it makes the control a no-op by construction.)"""
+    generator = torch.Generator().manual_seed(seed)
+    out: list[NodeKey] = []
+    for pool in (candidates, steerable(pair)):
+        gap = cue_gaps(prompts, [k for k in pool if k not in set(chosen) | set(out)])
+        moving = sorted(k for k, g in gap.items() if g > 1e-6)
+        need = len(chosen) - len(out)
+        out += [moving[i] for i in torch.randperm(len(moving), generator=generator)[:need].tolist()]
+    return sorted(out)
 
 
 @torch.no_grad()
@@ -176,10 +197,9 @@ def steer(pair: BridgedPair, task: EncodedTask, candidates: list[NodeKey], *, co
     prompts = prepare(pair, task, pad_id)
     nodes = cue_nodes(prompts, candidates, count)
     site, curve = steering_curve(pair, prompts, nodes, strengths)
-    pool = [k for k in steerable(pair) if k not in set(nodes)]
-    generator = torch.Generator().manual_seed(seed)
-    random_nodes = sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[: len(nodes)].tolist())
-    _, random_curve = steering_curve(pair, prompts, random_nodes, strengths)
+    random_nodes = control_nodes(pair, prompts, candidates, nodes, seed)
+    # no node of the model differs between the prompts but the chosen ones: no control to draw
+    random_curve = steering_curve(pair, prompts, random_nodes, strengths)[1] if random_nodes else []
     return SteerResult(task=task.name, site=site_names(pair.sparse.cfg.num_layers)[site], nodes=nodes, curve=curve,
                        flip_strength=flip_strength(curve), random_nodes=random_nodes, random_curve=random_curve,
                        random_flip_strength=flip_strength(random_curve))

@@ -46,6 +46,8 @@ def test_steering_the_planted_cue_flips_the_dense_preference_and_a_random_set_do
     assert result.flip_strength == 0.25 and result.curve[-1][1] < 0.01
     assert result.random_flip_strength is None
     assert all(abs(p - result.curve[0][1]) < 1e-6 for _, p in result.random_curve)  # zero decoder columns
+    # the control is drawn among nodes an edit moves: not the other embedding channels, equal in A and B
+    assert len(result.random_nodes) == 1 and result.random_nodes[0][1] == "mlp_neuron"
 
 
 def test_flip_strength_needs_a_curve_that_starts_on_the_right_side():
