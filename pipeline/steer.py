@@ -125,9 +125,12 @@ def control_nodes(pair: BridgedPair, prompts: Prompts, candidates: list[NodeKey]
     generator = torch.Generator().manual_seed(seed)
     out: list[NodeKey] = []
     for pool in (candidates, steerable(pair)):
-        gap = cue_gaps(prompts, [k for k in pool if k not in set(chosen) | set(out)])
-        moving = sorted(k for k, g in gap.items() if g > 1e-6)
         need = len(chosen) - len(out)
+        if need == 0:
+            break  # the candidates sufficed: no gaps over the whole model
+        taken = set(chosen) | set(out)
+        gap = cue_gaps(prompts, [k for k in pool if k not in taken])
+        moving = sorted(k for k, g in gap.items() if g > 1e-6)
         out += [moving[i] for i in torch.randperm(len(moving), generator=generator)[:need].tolist()]
     return sorted(out)
 
