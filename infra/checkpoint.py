@@ -78,6 +78,8 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"meta.json is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError("meta.json is not a checkpoint record (no integer step)")
     if file_sha256(state_path) != meta.get("sha256"):
         raise CheckpointError("state.safetensors does not match its checksum (truncated or corrupt)")
     try:

@@ -5,8 +5,8 @@ Train), `spawn()` starting N local processes, or one process alone (a world of o
 """
 
 import ctypes
+import json
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -113,11 +113,29 @@ def _stop(processes: list, *, settle_s: float = 0.0, grace_s: float = 30.0) -> N
 
 
 def _raised_in(folder: Path, rank: int) -> BaseException | None:
-    """The exception worker `rank` wrote before it died, or None (none written, or it does not unpickle)."""
+    """The exception worker `rank` reported before it died, rebuilt from its JSON record, or None (none
+    written, unreadable, or of a class this process has not imported).
+
+    JSON, not pickle: nothing a process writes is unpickled here. The class is looked up only among the
+    modules already imported (no import runs on a name read from a file) and must be an exception class;
+    it is rebuilt from its message, the form every exception of ours takes."""
     try:
-        return pickle.loads((folder / f"rank-{rank}.pickle").read_bytes())
+        record = json.loads((folder / f"rank-{rank}.json").read_text(encoding="utf-8"))
+        module = sys.modules.get(str(record["module"]))
+        cls = module
+        for part in str(record["qualname"]).split("."):
+            cls = getattr(cls, part, None)
+        if module is None or not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            return None
+        return cls(str(record["message"]))
     except Exception:  # noqa: BLE001 - torch's report of the failure is raised instead
         return None
+
+
+def _report(errors: str, rank: int, err: BaseException) -> None:
+    """Write the exception `err` of worker `rank` as JSON (class and message) for spawn() to raise."""
+    record = {"module": type(err).__module__, "qualname": type(err).__qualname__, "message": str(err)}
+    (Path(errors) / f"rank-{rank}.json").write_text(json.dumps(record), encoding="utf-8")
 
 
 def prebuild_cpu_comm_op() -> None:
@@ -148,9 +166,9 @@ def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, errors: 
     try:
         fn(*args)
     except BaseException as err:
-        try:  # the exception itself, for spawn() to raise in the parent
-            (Path(errors) / f"rank-{rank}.pickle").write_bytes(pickle.dumps(err))
-        except Exception:  # noqa: BLE001 - an exception that does not pickle: torch's report still names it
+        try:  # the exception's class and message, for spawn() to raise in the parent
+            _report(errors, rank, err)
+        except Exception:  # noqa: BLE001 - torch's report still names it
             pass
         raise
 
