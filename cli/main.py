@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from infra.tracking import tracked_run
 from pipeline.circuits import prune_run, require_trained
-from pipeline.config import ExperimentConfig, config_to_yaml, resolve_config
+from pipeline.config import ExperimentConfig, check_overrides, config_to_yaml, resolve_config
 from pipeline.data import DataResult, build_data
 from pipeline.errors import UserError
 from pipeline.tasks import TASKS, check_task
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (Path(args.run_dir) / "config.yaml").is_file():
                 raise UserError(f"{args.verb}: {args.run_dir} is not a run folder (no config.yaml)")
             config = config or str(Path(args.run_dir) / "config.yaml")  # the run's own resolved config
+        check_overrides(args.overrides)
         cfg = resolve_config(config, args.overrides)
         return args.run(cfg, args)
     except UserError as err:

@@ -6,8 +6,9 @@ Resolution order: dataclass defaults <- `--config FILE.yaml` <- dotlist override
 ranges. Every failure becomes one `ConfigError` line that names the key.
 """
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +107,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.warmup_frac: must lie in [0, 1], got {cfg.warmup_frac}")
     if cfg.weight_decay < 0:
         raise ValueError(f"train.weight_decay: must be >= 0, got {cfg.weight_decay}")
+    if cfg.seed < 0:
+        raise ValueError(f"train.seed: must be >= 0, got {cfg.seed}")
 
 
 def check_trial_config(cfg: TrialConfig) -> None:
@@ -164,6 +167,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
         (check_bridge_config, cfg.bridge),
     ]
     try:
+        for item in fields(cfg):
+            _check_numbers(getattr(cfg, item.name), item.name)
         for check, section in checks:
             check(section)
         check_sparsity_fits(cfg.model, cfg.sparsity)
@@ -192,10 +197,14 @@ def token_loader(cfg: ExperimentConfig, dataset: Dataset, split: str, *, batch_s
 
 
 def _load_yaml_layer(path: Path):
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"--config: file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} is not a file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -207,15 +216,51 @@ def _load_yaml_layer(path: Path):
     return OmegaConf.create(data)
 
 
+def check_overrides(overrides: list[str], where: str = "override") -> None:
+    """Each override looks like `key=value` and sets its key once: a list that sets one key twice is a
+    mistake (which value was meant?), not a layering."""
+    seen = {}
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where} {item!r}: must look like section.key=value")
+        if key.strip() in seen:
+            raise ConfigError(f"{where}s {seen[key.strip()]!r} and {item!r} set {key.strip()} twice; keep one")
+        seen[key.strip()] = item
+
+
 def _dotlist_layer(overrides: list[str]):
+    layer = OmegaConf.create()
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: must look like section.key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err)) from None
+        try:  # one at a time, so an error names its override; later ones win, as in from_dotlist
+            layer = OmegaConf.merge(layer, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_describe(err)) from None
+        except yaml.YAMLError as err:  # a tag (!!python/...), an undefined alias (*a): YAML the value rejects
+            raise ConfigError(f"override {item!r}: the value is not plain YAML ({_yaml_problem(err)})") from None
+    return layer
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    return str(getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
+def _check_numbers(section: Any, prefix: str) -> None:
+    """No NaN or infinite float and no integer beyond int64 anywhere in the config (nan > 0 is False, so a
+    range check alone lets NaN through)."""
+    for item in fields(section):
+        value, key = getattr(section, item.name), f"{prefix}.{item.name}"
+        if is_dataclass(value):
+            _check_numbers(value, key)
+            continue
+        for x in value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{key}: must be a finite number, got {x}")
+            if isinstance(x, int) and not -(2**63) <= x < 2**63:
+                raise ValueError(f"{key}: {x} is out of range (at most 2**63 - 1)")
 
 
 def _point_layer(point: Mapping[str, Any]):

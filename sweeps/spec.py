@@ -11,6 +11,7 @@ successive halving over `lrs` at a fraction of the training budget.
 """
 
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import ExperimentConfig, resolve_config
+from pipeline.config import ExperimentConfig, check_overrides, config_to_yaml, resolve_config
 from pipeline.errors import ConfigError
+
+_NAME = re.compile(r"[\w.-]+")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -72,21 +75,49 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     if bad:  # `circuitscale study` and `plan` take the sweep, then only KEY=VALUE
         raise ConfigError(f"{path}: overrides must be KEY=VALUE, got {bad}")
     if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
+        raise ConfigError(f"study file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    check_overrides(overrides or [])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"study file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"study file {path} is not valid YAML{line}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study file {path} must hold a mapping (name, base, grid, points, ...), "
+                          f"got {type(raw).__name__}")
+    points = raw.get("points", [])
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ConfigError(f"{path}: points: must be a list of mappings (dotted key: value), got {points!r:.60}")
+    try:
         own = [o.removeprefix("study.") for o in overrides or [] if o.startswith("study.")]
         study = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.create(raw),
                                                     OmegaConf.from_dotlist(own)))
-    except yaml.YAMLError:
-        raise ConfigError(f"study file {path} is not valid YAML") from None
+    except yaml.YAMLError:  # a tag or an undefined alias in a `study.` override's value
+        raise ConfigError(f"{path}: a study.* override's value is not plain YAML") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "")
         raise ConfigError(f"{path}: {key}: {str(err).splitlines()[0]}") from None
     _check_study(study, path)
+    check_overrides(study.overrides, f"{path}: override")
     base = (path.parent / study.base) if study.base else None
     trial_overrides = [o for o in overrides or [] if not o.startswith("study.")]
-    return study, expand_trials(study, base, list(study.overrides) + trial_overrides)
+    trials = expand_trials(study, base, list(study.overrides) + trial_overrides)
+    _check_distinct(trials, path)
+    return study, trials
+
+
+def _check_distinct(trials: list[TrialSpec], path: Path) -> None:
+    """Two trials with one resolved config would train the same model twice (and share a run folder)."""
+    seen: dict[str, str] = {}
+    for trial in trials:
+        key = config_to_yaml(trial.config)
+        if key in seen:
+            raise ConfigError(f"{path}: trials {seen[key]} and {trial.name} have the same config (a duplicate "
+                              "point or grid value); remove one (a point's `seeds: N` trains it with N seeds)")
+        seen[key] = trial.name
 
 
 def expand_trials(study: StudyConfig, base: Path | None, overrides: list[str]) -> list[TrialSpec]:
@@ -132,6 +163,9 @@ def trial_name(index: int, point: Mapping[str, Any], seed: int | None = None) ->
 def _check_study(study: StudyConfig, path: Path) -> None:
     if not study.name.strip():
         raise ConfigError(f"{path}: name: must not be empty")
+    if not _NAME.fullmatch(study.name) or study.name in (".", ".."):
+        raise ConfigError(f"{path}: name: {study.name!r} must be a plain folder name (letters, digits, '.', '-', "
+                          "'_'): the study folder is <storage_path>/<name>")
     for key, values in study.grid.items():
         if not values:
             raise ConfigError(f"{path}: grid.{key}: must list at least one value")

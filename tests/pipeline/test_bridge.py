@@ -41,9 +41,11 @@ def dense_run(small_corpus, tmp_path_factory):
 
 
 def bridge_args(run_dir: Path, *extra: str) -> list[str]:
-    return ["bridge", "--no-progress", str(run_dir), f"bridge.run_dir={run_dir.parent / 'bridge'}",
-            "model.d_model=16", "sparsity.density=0.25", "bridge.steps=40", "train.checkpoint_every=10",
-            "train.eval_every=20", *extra]
+    """The bridge command line; `extra` replaces a default key (the CLI rejects a key set twice)."""
+    defaults = {"bridge.run_dir": str(run_dir.parent / "bridge"), "model.d_model": "16", "sparsity.density": "0.25",
+                "bridge.steps": "40", "train.checkpoint_every": "10", "train.eval_every": "20"}
+    defaults.update(e.split("=", 1) for e in extra)
+    return ["bridge", "--no-progress", str(run_dir), *(f"{k}={v}" for k, v in defaults.items())]
 
 
 def test_bridge_trains_exports_and_logs_its_figures(dense_run, capsys):

@@ -12,8 +12,11 @@ SCRIPT = Path(sys.executable).parent / "circuitscale"
 
 
 def data_args(corpus, cache, *extra):
-    return ["data", "--no-progress", f"data.sources=[{corpus}]", f"data.cache_dir={cache}",
-            "data.vocab_size=400", "data.val_fraction=0.2", *extra]
+    """The `data` command line; `extra` replaces a default key (the CLI rejects a key set twice)."""
+    args = {"data.sources": f"[{corpus}]", "data.cache_dir": str(cache), "data.vocab_size": "400",
+            "data.val_fraction": "0.2"}
+    args.update(e.split("=", 1) for e in extra)
+    return ["data", "--no-progress", *(f"{k}={v}" for k, v in args.items())]
 
 
 def test_data_verb_builds_then_reuses_and_saves_its_config(tmp_path, capsys):
@@ -44,6 +47,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, fragment):
     assert main(data_args(corpus, tmp_path / "cache", *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("circuitscale: error: ") and fragment in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_key_set_twice_on_the_command_line_is_an_error(tmp_path, capsys):
+    """Which of two values wins is not for the user to guess (Hydra refuses it too)."""
+    corpus = copy_packages(tmp_path / "src", ("json",))
+    assert main([*data_args(corpus, tmp_path / "cache"), "data.vocab_size=500"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("circuitscale: error: overrides 'data.vocab_size=400' and 'data.vocab_size=500' set "
+                   "data.vocab_size twice; keep one\n")
     assert not (tmp_path / "cache").exists()
 
 
