@@ -4,13 +4,22 @@ by default, any tracking URI by config; DESIGN.md).
 `RunTracker` talks to MLflow through an `MlflowClient` bound to its URI, so there is no global active
 run. A resumed run finds its MLflow run id in `mlflow_run.json` and continues that run. Every run ends
 with a status: FINISHED, FAILED (reason in the `failure_reason` tag) or KILLED.
+
+A tracking server that goes away never stalls training: metrics go to `metrics.jsonl` first, then to MLflow
+from one background thread (in order; MLflow's client retries a refused request for about two minutes); a
+batch that still fails is kept and sent again with the next one and at `finish`. A run resumed after a
+crash sends whatever `metrics.jsonl` holds that the store lacks (batches that were waiting when the
+process died), so the store ends with every metric the run logged.
 """
 
 import json
 import math
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +61,17 @@ class RunTracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
-        self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        jsonl = run_dir / METRICS_FILE
+        torn = jsonl.is_file() and jsonl.stat().st_size > 0 and not jsonl.read_bytes().endswith(b"\n")
+        self._jsonl = open(jsonl, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        if torn:  # a process killed mid-line: the next record starts on a line of its own
+            self._jsonl.write("\n")
         self.run_id, self.resumed = self._open_run(cfg, run_name, params)
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        self._unsent: list = []  # metrics the store refused (a server away past the client's retries)
+        self._lock = threading.Lock()
+        if self.resumed:
+            self._backfill()
 
     def _open_run(self, cfg: TrackingConfig, run_name: str, params: dict[str, object]) -> tuple[str, bool]:
         experiment = cfg.experiment
@@ -104,7 +122,50 @@ class RunTracker:
         from mlflow.entities import Metric  # on use, as MlflowClient above
 
         finite = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        self.client.log_batch(self.run_id, metrics=finite)
+        if finite:
+            self._sender.submit(self._send, finite)
+
+    def _send(self, metrics: list) -> None:
+        """On the sender thread: this batch and any the store refused before, in order; kept if refused."""
+        with self._lock:
+            batch, self._unsent = self._unsent + metrics, []
+        try:
+            for start in range(0, len(batch), 1000):  # MLflow's limit on metrics per batch
+                self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+        except Exception as err:  # the server away beyond its client's retries: sent again later
+            with self._lock:
+                self._unsent = batch + self._unsent
+            print(f"MLflow at {self.uri} refused {len(batch)} metrics ({type(err).__name__}); they are kept "
+                  f"and sent again (they are in {self.run_dir / METRICS_FILE})", file=sys.stderr, flush=True)
+
+    def flush(self) -> int:
+        """Wait until every logged metric has been sent; the number the store still refuses (0: all there)."""
+        self._sender.submit(lambda: None).result()
+        if self._unsent:
+            self._sender.submit(self._send, []).result()
+        return len(self._unsent)
+
+    def _backfill(self) -> None:
+        """Send the metrics `metrics.jsonl` holds that the store lacks (the run's process died while they
+        waited to be sent). Each (key, step) the store has is left alone."""
+        from mlflow.entities import Metric  # on use, as MlflowClient above
+
+        wanted: dict[str, dict[int, tuple[float, int]]] = {}
+        for line in (self.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                step, stamp = int(row.pop("step")), int(float(row.pop("time")) * 1000)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a line torn by a kill
+            for key, value in row.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    wanted.setdefault(key, {})[step] = (float(value), stamp)
+        missing = []
+        for key, steps in wanted.items():
+            have = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            missing += [Metric(key, v, t, s) for s, (v, t) in steps.items() if s not in have]
+        if missing:
+            self._send(missing)
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -120,6 +181,11 @@ class RunTracker:
     def finish(self, status: Status, reason: str | None = None) -> None:
         """End the run with its status. An interrupt may have landed inside an MLflow call and left its
         session unusable, so a failed attempt is retried once with a fresh client."""
+        unsent = self.flush()
+        self._sender.shutdown(wait=True)
+        if unsent:
+            print(f"{unsent} metrics did not reach MLflow at {self.uri}; they are in {self.run_dir / METRICS_FILE} "
+                  "and are sent when the run is resumed", file=sys.stderr, flush=True)
         for attempt in range(2):
             try:
                 if reason:

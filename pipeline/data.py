@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from tokenizers import Tokenizer
 
 from pipeline.corpus import STDLIB_SOURCE, Corpus, Document, collect_documents
 from pipeline.errors import DataError
-from pipeline.shards import encode_documents, token_dtype, write_shards
+from pipeline.shards import encode_documents, token_dtype, verify_shard, write_shards
 from pipeline.tokenizer import NUM_BYTE_TOKENS, PRETOKENIZE_PATTERN, eot_id, tokenizer_digest, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -103,10 +104,16 @@ class DataResult:
     seconds: float
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def build_data(
-    cfg: DataConfig, *, config_yaml: str | None = None, progress: bool = True
+    cfg: DataConfig, *, config_yaml: str | None = None, progress: bool = True, warn=_stderr
 ) -> DataResult:
-    """Build (or reuse) the dataset for `cfg`; `config_yaml` is written beside the shards."""
+    """Build (or reuse) the dataset for `cfg`; `config_yaml` is written beside the shards. A cached copy is
+    checked against its manifest's checksums first; a damaged one is reported (`warn`, with the file's path)
+    and rebuilt."""
     start = time.perf_counter()
     corpus = collect_documents(
         cfg.sources, exclude=cfg.exclude, text_column=cfg.text_column, progress=progress,
@@ -116,10 +123,32 @@ def build_data(
     splits = split_documents(corpus.documents, cfg.val_fraction)
     key = cache_key(cfg, corpus.documents)
     folder = Path(cfg.cache_dir).expanduser().resolve() / key
+    if (folder / MANIFEST).is_file() and (problem := _damage(folder)):
+        # the cache is ours and content-addressed: a damaged copy is rebuilt, byte-identical, not trusted
+        warn(f"dataset {folder}: {problem}; rebuilding it")
+        trash = folder.parent / f".tmp-damaged-{key}-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     if not (folder / MANIFEST).is_file():
         _build_into(folder, cfg, corpus, splits, key, config_yaml, progress)
         return DataResult(Dataset.open(folder), reused=False, seconds=time.perf_counter() - start)
     return DataResult(Dataset.open(folder), reused=True, seconds=time.perf_counter() - start)
+
+
+def _damage(folder: Path) -> str | None:
+    """What is wrong with a cached dataset's files (a shard that fails its manifest checksum, a manifest that
+    does not parse), or None. Reading every shard once costs about a second per 100M tokens."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        shards = [(folder / e["file"], e["sha256"]) for e in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{folder / MANIFEST} is not a readable manifest ({type(err).__name__}: {err})"
+    for path, sha256 in shards:
+        try:
+            verify_shard(path, sha256)
+        except DataError as err:
+            return str(err).split(";")[0]
+    return None
 
 
 def split_documents(documents: list[Document], val_fraction: float) -> dict[str, list[Document]]:

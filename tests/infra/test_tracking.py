@@ -72,3 +72,85 @@ def test_a_copied_run_folder_gets_a_new_run_in_its_new_store(tmp_path):
     assert json.loads((copy / "mlflow_run.json").read_text())["run_id"] == second.run_id
     with tracked_run(TrackingConfig(uri=elsewhere, experiment="e"), copy) as third:  # and resumes from then on
         assert third.resumed and third.run_id == second.run_id
+
+
+def test_a_resumed_run_sends_the_metrics_its_store_lacks(tmp_path):
+    """A process killed while its metrics waited for the tracking server: metrics.jsonl has them (one line
+    torn by the kill), the store does not. The resumed run sends each missing (key, step) once."""
+    cfg = TrackingConfig(experiment="e")
+    first = RunTracker(cfg, tmp_path, run_name="r", params={})
+    first.log_metrics({"loss": 3.0}, step=1)
+    assert first.flush() == 0
+    with open(tmp_path / "metrics.jsonl", "a") as jsonl:  # what reached the file and never the store
+        jsonl.write(json.dumps({"step": 2, "time": 1.0, "loss": 2.0, "acc": 0.5}) + "\n")
+        jsonl.write(json.dumps({"step": 3, "time": 2.0, "loss": 1.0}) + "\n")
+        jsonl.write('{"step": 4, "time": 3.0, "lo')
+    again = RunTracker(cfg, tmp_path, run_name="r", params={})
+    assert again.resumed and again.run_id == first.run_id
+    again.log_metrics({"loss": 0.5}, step=5)
+    again.finish("FINISHED")
+    client = MlflowClient(tracking_uri=again.uri)
+    assert sorted((m.step, m.value) for m in client.get_metric_history(again.run_id, "loss")) == [
+        (1, 3.0), (2, 2.0), (3, 1.0), (5, 0.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(again.run_id, "acc")] == [(2, 0.5)]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 5  # after the torn line, on a line of its own
+    third = RunTracker(cfg, tmp_path, run_name="r", params={})  # nothing missing: nothing sent twice
+    third.finish("FINISHED")
+    assert len(client.get_metric_history(again.run_id, "loss")) == 4
+
+
+@pytest.mark.slow
+def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path):
+    """An MLflow server stopped mid-run and started again: logging never waits on it, and every metric
+    reaches it once it is back; the run ends FINISHED."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from tests.servers import free_port
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                return proc
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(proc: subprocess.Popen) -> None:
+        import os
+        import signal
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    server = start()
+    try:
+        (tmp_path / "run").mkdir()
+        tracker = RunTracker(TrackingConfig(uri=uri, experiment="e"), tmp_path / "run", run_name="r", params={})
+        tracker.log_metrics({"loss": 4.0}, step=0)
+        assert tracker.flush() == 0
+        stop(server)
+        for step in (1, 2, 3):
+            began = time.perf_counter()
+            tracker.log_metrics({"loss": 4.0 - step}, step=step)
+            assert time.perf_counter() - began < 1.0  # training does not wait for the server
+        time.sleep(3)
+        server = start()
+        tracker.finish("FINISHED")
+        client = MlflowClient(tracking_uri=uri)
+        assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "loss")) == [0, 1, 2, 3]
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        stop(server)

@@ -38,6 +38,30 @@ def test_second_build_is_a_cache_hit(small_corpus, tmp_path):
     assert not changed.reused and changed.dataset.folder != first.dataset.folder
 
 
+def test_a_damaged_cached_dataset_is_named_and_rebuilt_byte_identical(small_corpus, tmp_path):
+    """A shard flipped on disk (bad sector, a half-finished copy) or a truncated manifest: the next build
+    says which file and rebuilds the same bytes, instead of every trial failing on it later."""
+    cfg = small_config(small_corpus, tmp_path, "data.shard_tokens=20000")
+    first = build_data(cfg.data, progress=False)
+    folder = first.dataset.folder
+    shards = sorted(folder.glob("*.arrow"))
+    originals = {p.name: p.read_bytes() for p in shards}
+    raw = bytearray(originals[shards[1].name])
+    raw[len(raw) // 2] ^= 0xFF
+    shards[1].write_bytes(bytes(raw))
+    warnings = []
+    again = build_data(cfg.data, progress=False, warn=warnings.append)
+    assert not again.reused and again.dataset.folder == folder
+    assert len(warnings) == 1 and str(shards[1]) in warnings[0] and "corrupt" in warnings[0], warnings
+    assert {p.name: p.read_bytes() for p in sorted(folder.glob("*.arrow"))} == originals
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    (folder / "manifest.json").write_text('{"shards": [')
+    warnings.clear()
+    assert not build_data(cfg.data, progress=False, warn=warnings.append).reused
+    assert "manifest.json is not a readable manifest" in warnings[0]
+    assert build_data(cfg.data, progress=False, warn=warnings.append).reused and len(warnings) == 1
+
+
 def test_unusable_files_are_skipped_and_counted(tmp_path):
     root = copy_packages(tmp_path / "src", ("json",))
     (root / "binary.py").write_bytes(b"x = 1\x00\x01\x02")
