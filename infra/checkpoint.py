@@ -5,12 +5,17 @@ moments, masks, RNG state) and `meta.json` (step, counters, the resolved config,
 tensor file). It is written into a temporary folder that is renamed into place, so a crash mid-write
 leaves the previous checkpoint as the latest. Reading verifies the checksum and falls back to an
 older checkpoint, naming the bad one.
+
+Fault injection: with CIRCUITSCALE_FAILPOINT_CHECKPOINT_PAUSE_S set (benchmarks/chaos.py sets it), a save
+pauses that long between writing the tensors and publishing the folder, so that a harness can kill the
+process mid-write (a failpoint, as databases test themselves); unset, it costs nothing.
 """
 
 import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FILE, META_FILE, PREFIX = "state.safetensors", "meta.json", "step-"
+PAUSE_FAILPOINT = "CIRCUITSCALE_FAILPOINT_CHECKPOINT_PAUSE_S"
 
 
 class CheckpointError(Exception):
@@ -38,10 +44,13 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], met
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     staging = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in root.glob(f".tmp-{PREFIX}*"):  # one writer per run folder: these are a killed writer's
+        shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir()
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / STATE_FILE))
+        if os.environ.get(PAUSE_FAILPOINT):
+            time.sleep(float(os.environ[PAUSE_FAILPOINT]))
         record = dict(meta, step=step, sha256=file_sha256(staging / STATE_FILE))
         _write_synced(staging / META_FILE, json.dumps(record, indent=1, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step replaces it
@@ -103,3 +112,14 @@ def _write_synced(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file whole or not at all (a full disk or a kill leaves the old one): a staging name in
+    the same folder, synced, then renamed over `path`."""
+    staging = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        _write_synced(staging, text)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from infra.checkpoint import write_atomic
+
 RUN_FILE, METRICS_FILE = "mlflow_run.json", "metrics.jsonl"
+_TOKEN_TAG = "circuitscale.token"  # on each run: the token its folder's mlflow_run.json held while creating it
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 Status = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -74,34 +78,69 @@ class RunTracker:
             self._backfill()
 
     def _open_run(self, cfg: TrackingConfig, run_name: str, params: dict[str, object]) -> tuple[str, bool]:
-        experiment = cfg.experiment
+        """The folder's run: resumed when `mlflow_run.json` names one this store holds, else created. Creating
+        is crash-safe: a token goes to `mlflow_run.json` first and onto the run as a tag, so a process killed
+        between creating the run and recording its id (or a disk that filled there) leaves a run that the
+        next start adopts, never a second run beside a RUNNING orphan."""
+        from mlflow.entities import Param  # on use, as MlflowClient above
+
         record = self.run_dir / RUN_FILE
+        saved = self._record()
         previous = None
-        if record.is_file():
-            saved = json.loads(record.read_text())
+        if saved.get("run_id"):
             if self._holds(saved["run_id"]):
                 self.client.update_run(saved["run_id"], status="RUNNING")
                 return saved["run_id"], True
             # the folder names a run this store does not hold (a copied run folder, or another tracking.uri):
             # a new run here, tagged with the one it continues
             previous = f"{saved['run_id']} at {saved.get('uri', '?')}"
+        experiment_id = self._experiment_id(cfg.experiment)
+        token = saved.get("token") if saved.get("uri") == self.uri and not saved.get("run_id") else None
+        # MlflowClient.log_batch splits a batch into the server's limits itself
+        param_list = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        if token:
+            adopted = self.client.search_runs([experiment_id], filter_string=f"tags.`{_TOKEN_TAG}` = '{token}'",
+                                              max_results=1)
+            if adopted:
+                run_id = adopted[0].info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                self.client.log_batch(run_id, params=[p for p in param_list
+                                                      if p.key not in adopted[0].data.params])
+                write_atomic(record, json.dumps({"run_id": run_id, "uri": self.uri}))
+                return run_id, True
+        else:
+            token = uuid.uuid4().hex
+            write_atomic(record, json.dumps({"token": token, "uri": self.uri} | (
+                {"continues": previous} if previous else {})))
+        previous = previous or saved.get("continues")
+        tags = dict(cfg.tags) | ({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})
+        tags |= ({"circuitscale.continues": previous} if previous else {}) | {_TOKEN_TAG: token}
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+        self.client.log_batch(run.info.run_id, params=param_list)
+        write_atomic(record, json.dumps({"run_id": run.info.run_id, "uri": self.uri}))
+        return run.info.run_id, False
+
+    def _record(self) -> dict:
+        """`mlflow_run.json` ({} when absent; a record that does not parse is an error naming the file)."""
+        record = self.run_dir / RUN_FILE
+        if not record.is_file():
+            return {}
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{record} is not a run record ({err}); delete it to start a new MLflow run") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{record} is not a run record; delete it to start a new MLflow run")
+        return saved
+
+    def _experiment_id(self, experiment: str) -> str:
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            # a local store keeps artifacts beside it; a tracking server uses its own artifact root
-            local = self.uri.startswith("sqlite:")
-            artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri() if local else None
-            experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-        tags = dict(cfg.tags) | ({"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else {})
-        tags |= {"circuitscale.continues": previous} if previous else {}
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
-        from mlflow.entities import Param  # on use, as MlflowClient above
-
-        # MlflowClient.log_batch splits a batch into the server's limits itself
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()])
-        record.write_text(json.dumps({"run_id": run.info.run_id, "uri": self.uri}))
-        return run.info.run_id, False
+            return found.experiment_id
+        # a local store keeps artifacts beside it; a tracking server uses its own artifact root
+        local = self.uri.startswith("sqlite:")
+        artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri() if local else None
+        return self.client.create_experiment(experiment, artifact_location=artifacts)
 
     def _holds(self, run_id: str) -> bool:
         """Whether this store has the run (any other failure, a server that is down say, propagates)."""

@@ -193,6 +193,10 @@ def _build_into(
     progress: bool,
 ) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".tmp-{key}-*"):  # a build of this key killed midway on this machine
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = folder.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -207,6 +211,16 @@ def _build_into(
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_dataset(

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from infra.checkpoint import write_atomic
 from infra.distributed import init_process_group, spawn
 from infra.tracking import RUN_FILE, NullTracker, tracked_run
 from model.config import param_counts
@@ -149,8 +150,8 @@ def trial_rank(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = F
         model.load_state_dict({k[len("model/"):]: v for k, v in result.state.items() if k.startswith("model/")})
         export_model(model, config_to_yaml(cfg), dataset, run_dir / "export")
         final = result.final | task_metrics(model, dataset.tokenizer(), list(cfg.prune.tasks), log=say)
-        (run_dir / SUMMARY).write_text(json.dumps({"final": final, "resumed_from": result.resumed_from}, indent=1,
-                                                  sort_keys=True))
+        write_atomic(run_dir / SUMMARY, json.dumps({"final": final, "resumed_from": result.resumed_from}, indent=1,
+                                                   sort_keys=True))
         final["train_seconds"] = time.perf_counter() - tick
         tracker.log_metrics(final, cfg.train.steps)
         for artifact in (config_path, run_dir / SUMMARY):

@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from infra.checkpoint import write_atomic
 from pipeline.config import ExperimentConfig
 from pipeline.records import LR_SEARCH_FILE
 from pipeline.trial import finished_metrics
@@ -104,8 +105,8 @@ def search_lrs(study: StudyConfig, trials: dict[str, tuple[TrialSpec, Experiment
             raise RuntimeError(f"lr search: every learning rate of point {name} failed ({search.lrs}); see the "
                                f"runs under {folder / 'lr_search'}")
         chosen[name] = {"lr": lr, "rungs": rungs[name]}
-    path.write_text(json.dumps({"lrs": list(search.lrs), "budget": search.budget, "eta": search.eta,
-                                "points": chosen}, indent=1))
+    write_atomic(path, json.dumps({"lrs": list(search.lrs), "budget": search.budget, "eta": search.eta,
+                                   "points": chosen}, indent=1))
     return chosen
 
 

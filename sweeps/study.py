@@ -6,21 +6,29 @@ the study runs in `<local_dir>/<name>/` and every file is mirrored to the URI, i
   study.yaml           the sweep file as given, and `overrides.txt` the command-line overrides
   mlflow.db            the MLflow store when the study names no tracking URI
   mlflow_run.json      the study's parent MLflow run (trials are nested child runs)
-  trials/<trial>/      each trial's run folder (checkpoints, export, circuits, metrics)
+  trials/<trial>/      each trial's run folder (checkpoints, export, circuits, metrics, and trial.log: what its
+                       rank 0 said, such as a resume or a corrupt checkpoint it skipped)
   lr_search.json       with `lr_search`: each point's chosen LR and every rung's losses (sweeps/lr_search.py)
   lr_search/<run>/     the LR candidates' run folders (no pruning; not trials of the frontier)
-  ray/<name>/          Ray Tune's experiment state (what a rerun resumes from; one per LR-search rung)
+  ray/<name>/          Ray Tune's experiment state (one per LR-search rung; written by Ray, never read back)
   report/              report.md, report.html, figures (written by the `report` callable the caller
                        passes: the CLI passes analysis/'s; sweeps/ never imports analysis/)
 
 Ray 2.60 runs Ray Train V2: the Tune trainable builds and fits the trial's `TorchTrainer` itself, and
 the workers' final report reaches Tune through `TuneReportCallback`. The Train run is named after the
 trial, its failure config restarts failed workers, and our checkpoints make the restart resume. Running
-the same command again restores the Tune experiment: finished trials are kept, unfinished and errored
-ones resume from their checkpoints, and each keeps its one MLflow child run.
+the same command again runs a fresh Tune grid over the trials that have no record yet: each resumes from
+its own checkpoints and keeps its one MLflow child run, and a finished trial is read from its folder. Tune's
+own experiment state is not restored: it is cloudpickle (DESIGN.md: nothing a peer can write is unpickled
+here) and a crash or a full disk can leave it truncated, which no rerun would get past.
+
+A full disk under the study folder stops the study with one line naming the folder and the free space; the
+files it left are whole (checkpoints and records are written to a staging name and renamed), so once there
+is space the same command resumes.
 """
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -46,11 +54,12 @@ from pipeline.config import ExperimentConfig
 from pipeline.data import MANIFEST, build_data
 from pipeline.errors import UserError
 from pipeline.records import LR_SEARCH_FILE, TRIAL_FILE
-from pipeline.trial import trial_rank
+from pipeline.trial import finished, finished_metrics, trial_rank
 from sweeps.lr_search import search_lrs
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
 PLACEMENT = "placement.json"  # in each trial folder: the Ray node its rank 0 ran on
+TRIAL_LOG = "trial.log"  # in each trial folder: what its rank 0 said (resumes, checkpoints it skipped)
 # (study folder, wall seconds) -> (report folder, headline figures): writes the study's report
 ReportFn = Callable[[Path, float], tuple[Path, dict]]
 
@@ -124,12 +133,17 @@ def _worker_loop(config: dict) -> None:
         raise UserError(f"the study's dataset {data} is not on node {ray.util.get_node_ip_address()}: "
                         "data.cache_dir must be on storage every node mounts (docs/cluster.md, shared storage)")
     try:
-        final = trial_rank(cfg, device=device, prune=config["prune"], data=data, log=lambda _: None,
-                           on_checkpoint=push)
+        final = trial_rank(cfg, device=device, prune=config["prune"], data=data,
+                           log=functools.partial(_log_line, folder / TRIAL_LOG), on_checkpoint=push)
     finally:  # finished or failed, the run folder (MLflow run id, checkpoints, record) reaches the storage
         if push is not None:
             push()
     ray.train.report(final or {})  # (never a `done` key: Tune would stop the trial before Train cleans up)
+
+
+def _log_line(path: Path, message: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
 
 def _trial(config: dict, configs: dict, datasets: dict[str, str], study: StudyConfig, folder: str, prune: bool
@@ -137,6 +151,7 @@ def _trial(config: dict, configs: dict, datasets: dict[str, str], study: StudyCo
     """The Tune trainable: fit the trial's TorchTrainer (its metrics come back via TuneReportCallback)."""
     name = config["trial"]
     cfg = configs[name]
+    _check_space(Path(cfg.train.run_dir).parent)  # on a full disk, one clear error, not a worker group started
     gpus = study.gpus_per_worker
     # with URI storage, the run folder's copy there: (the URI, the path under it)
     mirror = (study.storage_path, [study.name, *Path(cfg.train.run_dir).relative_to(folder).parts]) \
@@ -169,6 +184,10 @@ def run_study(path: str | Path, overrides: list[str] | None = None, *, report: R
     (folder / "overrides.txt").write_text("\n".join(overrides or []) + "\n", encoding="utf-8")
     try:
         return _run(study, trials, folder, report=report, log=log, verbose=verbose, start=start)
+    except Exception as err:
+        if (full := _no_space(folder, err)) is not None:
+            raise full from None
+        raise
     finally:  # the driver's part of the folder reaches the storage however the study ended
         if mirror is not None:
             mirror.push(folder, exclude=_DRIVER_SKIPS)
@@ -205,6 +224,39 @@ def _run(study: StudyConfig, trials: list[TrialSpec], folder: Path, *, report: R
     log(f"report: {report_folder / 'report.html'}")
     log(f"MLflow: {uri} (`circuitscale ui {folder}` serves it on 127.0.0.1)")
     return StudyResult(folder, uri, parent.run_id, results, failed, wall)
+
+
+_FULL_BYTES = 16 << 20  # a study that fails with less free space than this beside its folder failed for it
+
+
+def _check_space(folder: Path) -> None:
+    """A trial does not start where the study folder's disk is full (a folder this node cannot see is not
+    checked here)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < _FULL_BYTES:
+        raise UserError(f"no space left on the filesystem of {folder} ({free / 1e6:.1f} MB free)")
+
+
+def _no_space(folder: Path, err: BaseException) -> UserError | None:
+    """The error to show when `err` came from the study folder's filesystem being full (ENOSPC anywhere in
+    the chain, or in a trial's error, or hardly any space left); None otherwise."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    enospc = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or any(
+        "No space left on device" in str(e) for e in chain)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if not enospc and free >= _FULL_BYTES:
+        return None
+    return UserError(f"no space left on the filesystem of {folder} ({free / 1e6:.1f} MB free); what was written "
+                     "is whole: free some space and run the same command to resume")
 
 
 def _data_key(data) -> str:
@@ -266,7 +318,13 @@ def init_ray(verbose: int = 1) -> None:
 
 def _fit(study: StudyConfig, configs: dict, datasets: dict[str, str], folder: Path, verbose: int, *, name: str,
          prune: bool) -> tuple[dict, dict]:
-    """One Ray Tune grid over `configs` (experiment `name` under <study>/ray/, restored when it exists)."""
+    """One Ray Tune grid (experiment `name` under <study>/ray/) over the trials of `configs` that have no
+    record yet; a finished trial's metrics are read from its folder (a rerun fits only what is left)."""
+    results = {n: finished_metrics(Path(c.train.run_dir)) for n, c in configs.items()
+               if finished(Path(c.train.run_dir), c)}
+    pending = [n for n in configs if n not in results]
+    if not pending:
+        return results, {}
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     init_ray(verbose)
     trainable = tune.with_resources(
@@ -276,23 +334,17 @@ def _fit(study: StudyConfig, configs: dict, datasets: dict[str, str], folder: Pa
         # last worker's CPU short); Tune needs a non-empty bundle, so it asks for one byte of memory.
         {"cpu": 0, "memory": 1},
     )
-    storage = _ray_storage(study, folder, "ray")
-    experiment = f"{storage}/{name}"
-    if tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(list(configs))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=verbose),
-        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(pending)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=_ray_storage(study, folder, "ray"), verbose=verbose),
+    )
     grid = tuner.fit()
     mirror = study_mirror(study)
     if mirror is not None:  # the records the trials' ranks pushed, wherever they ran (not their checkpoints)
         mirror.pull(folder, exclude=_PULL_SKIPS)
-    results, failed = {}, {}
+    failed = {}
     for result in grid:
         trial = result.config["trial"]
         if result.error is not None:

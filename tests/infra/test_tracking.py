@@ -154,3 +154,34 @@ def test_metrics_logged_while_the_server_is_down_reach_it_afterwards(tmp_path):
         assert client.get_run(tracker.run_id).info.status == "FINISHED"
     finally:
         stop(server)
+
+
+def test_a_run_created_by_a_process_killed_before_recording_it_is_adopted_not_duplicated(tmp_path):
+    """The creating process died after MLflow made the run and before mlflow_run.json named it (SIGKILL, or
+    a disk that filled there): the next start adopts that run, so the store never holds a RUNNING orphan
+    beside a second run of the same folder."""
+    cfg = TrackingConfig(experiment="e", tags={"trial": "t0"})
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    (tmp_path / "mlflow_run.json").write_text(json.dumps({"token": "abc123", "uri": uri}))
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("e")
+    orphan = client.create_run(experiment, run_name="r", tags={"circuitscale.token": "abc123"}).info.run_id
+    with tracked_run(cfg, tmp_path, params={"a": 1}) as tracker:
+        assert tracker.resumed and tracker.run_id == orphan
+    runs = client.search_runs([experiment])
+    assert [r.info.run_id for r in runs] == [orphan] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params == {"a": "1"}
+    assert json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"] == orphan
+    # died before MLflow made it: the token is reused for the one run made now
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mlflow_run.json").write_text(json.dumps({"token": "def456", "uri": uri}))
+    with tracked_run(TrackingConfig(uri=uri, experiment="e"), tmp_path / "b") as fresh:
+        assert not fresh.resumed
+    assert client.get_run(fresh.run_id).data.tags["circuitscale.token"] == "def456"
+    assert len(client.search_runs([experiment])) == 2
+
+
+def test_a_run_record_that_does_not_parse_names_the_file(tmp_path):
+    (tmp_path / "mlflow_run.json").write_text('{"run_id": "ab')
+    with pytest.raises(ValueError, match="mlflow_run.json is not a run record"):
+        RunTracker(TrackingConfig(experiment="e"), tmp_path, run_name="r", params={})

@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 import time
 
 import pyarrow as pa
@@ -134,6 +136,25 @@ def test_interrupted_build_leaves_nothing(small_corpus, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_data(cfg.data, progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_build_killed_midway_leaves_a_staging_folder_the_next_build_clears(small_corpus, tmp_path):
+    """SIGKILL runs no cleanup: the dead build's staging folder (its pid in the name) goes with the next
+    build of the same key; a live build's is left alone."""
+    import subprocess
+    import sys
+
+    cfg = small_config(small_corpus, tmp_path / "cache")
+    key = build_data(cfg.data, progress=False).dataset.folder.name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "cache" / f".tmp-{key}-{dead.stdout.strip()}-deadbeef"
+    live = tmp_path / "cache" / f".tmp-{key}-{os.getpid()}-cafef00d"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text("{")
+    shutil.rmtree(tmp_path / "cache" / key)
+    build_data(cfg.data, progress=False)
+    assert not stale.exists() and live.exists()
 
 
 def test_dataset_open_rejects_other_folders(tmp_path):
