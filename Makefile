@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build that lies on this machine's disk; the cluster image installs a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast study lab lint lock clean
+.PHONY: setup test test-fast study chaos lab lint lock clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test-fast: lint
 # The main job: the `cpu` study (Ray Tune grid -> trials -> pruning -> MLflow -> report). Run again, it resumes.
 study: setup
 	$(BIN)/circuitscale study sweeps/cpu.yaml
+
+# The study under fire (benchmarks/chaos.py): the smoke study fault-free, then with 5 faults of each kind
+# (worker / driver SIGKILL, MLflow server down, disk full, corrupt shard and checkpoint); root mounts the tmpfs.
+chaos: setup
+	$(BIN)/python benchmarks/chaos.py --study smoke --seed 0
 
 # JupyterLab (the `jupyter` extra) on 127.0.0.1, opening the analysis notebook on the latest study
 # (or on CIRCUITSCALE_STUDY when set).
