@@ -196,19 +196,24 @@ def token_loader(cfg: ExperimentConfig, dataset: Dataset, split: str, *, batch_s
                        world_size=world_size)
 
 
+def read_yaml(path: Path, what: str):
+    """The YAML document in `path` (None when empty), or a ConfigError naming `what`, the file and the line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{line}") from None
+
+
 def _load_yaml_layer(path: Path):
     if not path.exists():
         raise ConfigError(f"--config: file {path} does not exist")
     if not path.is_file():
         raise ConfigError(f"--config: {path} is not a file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"--config: {path} is not UTF-8 text") from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"--config: {path} is not valid YAML{line}") from None
+    data = read_yaml(path, "--config:")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import ExperimentConfig, check_overrides, config_to_yaml, resolve_config
+from pipeline.config import ExperimentConfig, check_overrides, config_to_yaml, read_yaml, resolve_config
 from pipeline.errors import ConfigError
 
 _NAME = re.compile(r"[\w.-]+")
@@ -77,14 +77,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist" if not path.exists() else f"{path} is not a file")
     check_overrides(overrides or [])
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"study file {path} is not UTF-8 text") from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"study file {path} is not valid YAML{line}") from None
+    raw = read_yaml(path, "study file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"study file {path} must hold a mapping (name, base, grid, points, ...), "
                           f"got {type(raw).__name__}")

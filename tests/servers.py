@@ -1,5 +1,7 @@
 """Checks shared by the tests of the local servers (`circuitscale ui`, `make lab`)."""
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -24,7 +26,18 @@ def assert_serves_on_loopback(proc: subprocess.Popen, port: int, path: str = "/"
                 assert response.status == 200
                 break
         except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+            if proc.poll() is not None or time.time() >= deadline:
+                # a server still running would never close its output: stop it before reading what it said
+                try:  # its whole group when it leads one (`make lab` and its Jupyter), else the process
+                    if os.getpgid(proc.pid) == proc.pid:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    else:
+                        proc.kill()
+                except ProcessLookupError:
+                    pass
+                out = proc.communicate(timeout=60)[0] or ""
+                raise AssertionError(f"nothing answered http://127.0.0.1:{port}{path} within {timeout:.0f} s "
+                                     f"(exit {proc.returncode}): {out[-3000:]}") from None
             time.sleep(1)
     listening = [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN"]
     assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)

@@ -20,7 +20,7 @@ def test_make_lab_serves_the_notebook_on_loopback(study, tmp_path):
     proc = subprocess.Popen(["make", "-s", "lab", f"LAB_PORT={port}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        assert_serves_on_loopback(proc, port, "/lab")
+        assert_serves_on_loopback(proc, port, "/lab", timeout=600)  # the first call installs the jupyter extra
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=60)[0]
