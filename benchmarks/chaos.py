@@ -475,8 +475,8 @@ class Harness:
             log = self.out / "logs" / f"round-{number}-run-{runs:02d}.log"
             run = self.current = Run(command, self.env(True), log)
             self.runs_started = runs
-            self.say(f"run {runs}: " + ", ".join([f"{k} x{len(m)}" for k, m in mine.items()]
-                                                 + ([end] if end else []) or ["no faults"]))
+            planned = [f"{k} x{len(m)}" for k, m in mine.items()] + ([end] if end else [])
+            self.say(f"[{time.time() - self.began:7.1f} s] run {runs}: " + ", ".join(planned or ["no faults"]))
             threads = [threading.Thread(target=self.inject, args=(run, kind, modes), daemon=True)
                        for kind, modes in mine.items()]
             for thread in threads:

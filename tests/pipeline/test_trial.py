@@ -41,12 +41,14 @@ def dataset_cache(small_dataset):
 
 
 def tiny(dataset_cache, run_dir, *extra):
-    return [
+    """A small trial's overrides; `extra` replaces a default key (the CLI rejects a key set twice)."""
+    args = dict(a.split("=", 1) for a in [
         f"data.sources=[{SMALL}]", f"data.cache_dir={dataset_cache}", "data.vocab_size=512", "data.val_fraction=0.2",
         "data.shard_tokens=20000", "model.d_model=64", "model.num_layers=2", "model.context_length=32",
         "train.batch_size=4", "train.steps=40", "train.eval_every=10", "train.checkpoint_every=5",
         "train.eval_batches=2", "sparsity.density=0.0625", f"train.run_dir={run_dir}", *extra,
-    ]
+    ])
+    return [f"{k}={v}" for k, v in args.items()]
 
 
 SMALL = None
@@ -73,7 +75,9 @@ def mlflow_run(run_dir: Path):
 def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(dataset_cache, tmp_path, workers):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     extra = [f"trial.workers={workers}", "train.steps=120"]  # long enough to be killed midway, even under load
-    assert cli(tiny(dataset_cache, straight, *extra)).wait(timeout=300) == 0
+    done = cli(tiny(dataset_cache, straight, *extra))
+    out = done.communicate(timeout=300)[0]
+    assert done.returncode == 0, out[-3000:]
     steps_done = kill_after_checkpoints(cli(tiny(dataset_cache, killed, *extra)), killed, timeout=240)
     assert steps_done < 120, "the run finished before it could be killed"
     time.sleep(1)  # spawned workers die with their parent (PR_SET_PDEATHSIG)
