@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	# the native CPU projection (kernels/cpu_projection.py), compiled once into torch's extension cache
+	$(BIN)/python -c "from kernels.cpu_projection import native_module; native_module()"
 	touch $(STAMP)
 
 # ruff, then DESIGN.md's import layers and the absence of import cycles (contracts in pyproject.toml)

@@ -2,6 +2,8 @@
 
 - masked linear forward+backward (1024 -> 4096) vs dense nn.Linear, and vs its reference twin;
 - threshold top-k vs torch.topk and torch.kthvalue (same mask, 4096 x 1024 weight);
+- the projection of that weight (top-k mask with the per-neuron floor, zeroing, decay): the native CPU pass
+  (kernels/cpu_projection.py) vs the threshold path then mask-and-decay (CPU only);
 - the fused sparse Adam step vs the reference sequence (torch Adam, sort-based projection, decay) over
   the parameters of a 2-layer d_model 1024 model;
 - the model's forward on compressed (CSR) weights vs on dense weights (2 layers, 32 x 128 tokens).
@@ -96,6 +98,31 @@ def bench_topk(device, repeats) -> dict:
     return out
 
 
+def bench_projection(repeats) -> dict:
+    from kernels.cpu_projection import project_native
+    from kernels.optimizer import mask_decay_reference
+
+    w = torch.randn(4 * D, D)
+    out = {}
+    for label, density in DENSITIES.items():
+        k = keep_count(w.numel(), density)
+        for floor_dim in (0, 1):
+            def native():
+                project_native(w.clone(), k, floor=4, floor_dim=floor_dim, factor=0.999)
+
+            def threshold():
+                p = w.clone()
+                mask_decay_reference(p, threshold_topk_mask(p, k, floor=4, floor_dim=floor_dim), 0.999)
+
+            t_copy = timed(lambda: w.clone(), repeats, "cpu")  # both time a fresh copy; it is taken off
+            t_native = timed(native, repeats, "cpu") - t_copy
+            t_threshold = timed(threshold, repeats, "cpu") - t_copy
+            out[(label, floor_dim)] = t_threshold / t_native
+            print(f"projection 4096x1024    density {label:5s} floor dim {floor_dim}: native {t_native * 1e3:6.1f} ms  "
+                  f"threshold path {t_threshold * 1e3:6.1f} ms ({t_threshold / t_native:4.1f}x)")
+    return out
+
+
 def bench_fused_step(device, repeats) -> dict:
     out = {}
     for label, density in DENSITIES.items():
@@ -176,6 +203,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {name}, kernels '{kernels.name}', medians of {args.repeats}")
     linear = bench_masked_linear(kernels, device, args.repeats)
     topk = bench_topk(device, args.repeats)
+    projection = bench_projection(args.repeats) if device == "cpu" else {}
     step = bench_fused_step(device, args.repeats)
     sparse_linear = bench_sparse_linear(kernels, device, args.repeats)
     forward = bench_forward(device, args.repeats)
@@ -183,6 +211,7 @@ def main() -> None:
         "fwd_speedup_1_64": round(sparse_linear["1/64"], 2),
         "model_fwd_speedup_1_64": round(forward["1/64"], 2),
         "topk_speedup_vs_torch": round(topk["1/64"], 2),
+        "projection_native_vs_threshold_1_64": round(projection[("1/64", 0)], 2) if projection else None,
         "masked_linear_ratio_1_64": round(linear["1/64"], 2),
         "fused_step_speedup_1_64": round(step["1/64"], 2),
         "device": device,

@@ -6,7 +6,9 @@ model and optimizer; `forward` never branches on it.
   Triton masked-linear GEMM (fp32, autotuned) ran 3.4x slower than cuBLAS fp32, and our threshold
   top-k 1.4 ms against torch.topk's 0.4 ms on a 4096 x 1024 weight, so neither is the GPU default.
 - triton: every op that has a Triton kernel uses it (masked linear included); CUDA only.
-- cpu (what auto picks on a CPU): the masked-linear autograd function, foreach Adam, threshold top-k.
+- cpu (what auto picks on a CPU): the masked-linear autograd function, foreach Adam, and the projection
+  (top-k mask, zeroing, decay) as one native pass per tensor (kernels/cpu_projection.py), the threshold
+  top-k where that cannot be built.
 - reference: the plain-torch twins every fast path is tested against.
 """
 
@@ -16,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from kernels.cpu_projection import project_native
 from kernels.masked_linear import masked_linear_reference, masked_linear_torch
 from kernels.optimizer import adam_update_foreach, adam_update_reference, mask_decay_reference
 from kernels.sparse_inference import sparse_linear
@@ -32,6 +35,22 @@ class Kernels:
     adam_update: Callable  # (params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps)
     mask_decay: Callable  # (param, mask | None, factor) -> None, in place
     sparse_linear: Callable  # (x, csr weight, bias | None) -> y, forward-only weights
+    # (param, k | None, *, floor, floor_dim, factor) -> mask | None, in place: the top-k mask of param, then
+    # param <- mask * param * factor (decay only when k is None); what the optimizer step calls
+    project: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.project is None:  # the mask search and the mask-and-decay pass, one after the other
+            object.__setattr__(self, "project", composed_projection(self.topk_mask, self.mask_decay))
+
+
+def composed_projection(topk_mask: Callable, mask_decay: Callable) -> Callable:
+    def project(param, k, *, floor, floor_dim, factor):
+        mask = None if k is None else topk_mask(param, k, floor=floor, floor_dim=floor_dim)
+        mask_decay(param, mask, factor)
+        return mask
+
+    return project
 
 
 def select_kernels(device: torch.device | str, backend: Backend = "auto") -> Kernels:
@@ -49,7 +68,7 @@ def select_kernels(device: torch.device | str, backend: Backend = "auto") -> Ker
         return Kernels(backend, linear, topk_mask_reference, adam_update_triton, mask_decay_triton, sparse_linear)
     if backend == "cpu":
         return Kernels("cpu", masked_linear_torch, threshold_topk_mask, adam_update_foreach, mask_decay_reference,
-                       sparse_linear)
+                       sparse_linear, project_native)
     if backend == "reference":
         return Kernels("reference", masked_linear_reference, topk_mask_reference, adam_update_reference,
                        mask_decay_reference, sparse_linear)

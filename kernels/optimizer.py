@@ -102,7 +102,7 @@ class SparseAdam(torch.optim.Optimizer):
         self.densities = {"matrix": 1.0, "embedding": 1.0, "bias": 1.0}
         self.masks: dict[torch.Tensor, torch.Tensor] = {}
         self.grad_rms = float("nan")
-        self.timings: dict[str, float] = {}  # seconds of the last step: adam_s, topk_s, mask_decay_s
+        self.timings: dict[str, float] = {}  # seconds of the last step: adam_s, project_s
 
     def schedule(self, lr: float, densities: dict[str, float]) -> None:
         """This step's learning rate (every group) and target density per tensor group."""
@@ -124,7 +124,7 @@ class SparseAdam(torch.optim.Optimizer):
         self.grad_rms = normalize_grad_rms_(grads, self.grad_rms_mode, numel=self.numel, rms=rms)
         for group in self.param_groups:
             self._adam(group)
-        timings = {"adam_s": time.perf_counter() - start, "topk_s": 0.0, "mask_decay_s": 0.0}
+        timings = {"adam_s": time.perf_counter() - start, "project_s": 0.0}
         for group in self.param_groups:
             for p in group["params"]:
                 if p not in self.specs:
@@ -138,17 +138,14 @@ class SparseAdam(torch.optim.Optimizer):
         a sharding engine's gathered fp32 master copy of it), in place; records the mask."""
         spec = self.specs[param]
         density = self.densities.get(spec.group, 1.0)
+        k = keep_count(full.numel(), density) if density < 1.0 else None
         tick = time.perf_counter()
-        mask = None
-        if density < 1.0:
-            k = keep_count(full.numel(), density)
-            mask = self.kernels.topk_mask(full, k, floor=self.floor, floor_dim=spec.floor_dim)
+        mask = self.kernels.project(full, k, floor=self.floor, floor_dim=spec.floor_dim,
+                                    factor=1.0 - lr * self.weight_decay if spec.decay else 1.0)
+        if mask is not None:
             self.masks[param] = mask
-        tock = time.perf_counter()
-        self.kernels.mask_decay(full, mask, 1.0 - lr * self.weight_decay if spec.decay else 1.0)
         if timings is not None:
-            timings["topk_s"] += tock - tick
-            timings["mask_decay_s"] += time.perf_counter() - tock
+            timings["project_s"] += time.perf_counter() - tick
 
     def init_state(self, params: Iterable[torch.Tensor] | None = None) -> None:
         """Zero Adam state for every parameter of the groups (or for `params`, tensors a sharding engine
