@@ -7,6 +7,7 @@ import torch
 from kernels.cpu_projection import fits, native_module, project_native
 from kernels.dispatch import select_kernels
 from kernels.topk import keep_count, threshold_topk_mask, topk_mask_reference
+from tests.kernels.conftest import adversarial_weight
 
 
 def reference(w, k, floor, floor_dim, factor):
@@ -69,13 +70,7 @@ def test_ties_follow_the_threshold_paths_rule():
 
 
 def test_adversarial_values():
-    torch.manual_seed(0)
-    w = torch.randn(300, 200)
-    w[w.abs() < 1.0] = 0.0  # most entries zero: ties at zero
-    w[:10] = 0.5  # a block of equal magnitudes
-    w[-1, -1] = float("inf")
-    w[5, 5] = -3.0
-    w[7, 7] = -0.0
+    w = adversarial_weight()
     for k in (1, 500, 5000, 59_999, 60_000):
         for floor, floor_dim in ((0, None), (1, 0), (1, 1)):
             if floor and k < w.shape[1 - floor_dim]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels.topk import keep_count, kth_largest, threshold_topk_mask, topk_mask_reference
-from tests.kernels.conftest import DEVICE
+from tests.kernels.conftest import DEVICE, adversarial_weight
 
 
 def test_reference_matches_torch_topk_without_floor():
@@ -54,12 +54,7 @@ def test_ties_are_exact_and_lowest_index_first():
 
 
 def test_adversarial_values():
-    torch.manual_seed(0)
-    w = torch.randn(300, 200)
-    w[w.abs() < 1.0] = 0.0  # most entries zero: ties at zero
-    w[:10] = 0.5  # a block of equal magnitudes
-    w[-1, -1] = float("inf")
-    w[5, 5] = -3.0
+    w = adversarial_weight()
     for k in (1, 500, 5000, 59_999, 60_000):
         fast, ref = threshold_topk_mask(w, k), topk_mask_reference(w, k)
         assert int(fast.sum()) == k
