@@ -40,18 +40,6 @@ def test_equals_the_reference_on_random_inputs(shape, floor_dim, density):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("floor_dim", [0, 1])
-def test_floor_keeps_each_neurons_largest(floor_dim):
-    torch.manual_seed(0)
-    w = torch.randn(16, 24)
-    w[3] *= 1e-3  # weak neurons that the global top-k alone would drop
-    w[:, 5] *= 1e-3
-    mask = project_native(w.clone(), 120, floor=4, floor_dim=floor_dim, factor=1.0)
-    assert int(mask.sum()) == 120
-    assert (mask.sum(dim=floor_dim) >= 4).all()
-    assert mask.gather(floor_dim, w.abs().topk(4, dim=floor_dim).indices).all()
-
-
 def test_ties_follow_the_threshold_paths_rule():
     # entries equal to the threshold: lowest flat index first, exactly k kept, values kept whole
     w = torch.zeros(10, 10)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kernels.cpu_projection import project_native
 from kernels.topk import keep_count, kth_largest, threshold_topk_mask, topk_mask_reference
 from tests.kernels.conftest import DEVICE, adversarial_weight
 
@@ -19,7 +20,10 @@ def test_floor_keeps_each_neurons_largest(floor_dim):
     w = torch.randn(16, 24)
     w[3] *= 1e-3  # weak neurons that the global top-k alone would drop
     w[:, 5] *= 1e-3
-    for fn in (topk_mask_reference, threshold_topk_mask):
+    def native(w, k, *, floor, floor_dim):  # the CPU projection's mask (kernels/cpu_projection.py)
+        return project_native(w.clone(), k, floor=floor, floor_dim=floor_dim, factor=1.0)
+
+    for fn in (topk_mask_reference, threshold_topk_mask, native):
         mask = fn(w, 120, floor=4, floor_dim=floor_dim)
         assert int(mask.sum()) == 120
         assert (mask.sum(dim=floor_dim) >= 4).all()
