@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from kernels.optimizer import mask_decay_reference
+from kernels.optimizer import composed_projection, mask_decay_reference
 from kernels.topk import threshold_topk_mask
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "projection.cpp"
 MAX_FLOOR = 16  # the native pass keeps each neuron's floor in a fixed-size buffer
+_fallback = composed_projection(threshold_topk_mask, mask_decay_reference)  # the same set, op by op
 _lock = threading.Lock()
 _module = None
 _error: str | None = None
@@ -54,12 +55,7 @@ def project_native(param: torch.Tensor, k: int | None, *, floor: int, floor_dim:
                    factor: float) -> torch.Tensor | None:
     """In place: keep the top-k entries of `param` (each neuron's `floor` largest along `floor_dim` first),
     zero the rest, scale what is kept by `factor`; returns the mask (None when k is None: decay only)."""
-    if k is None:
-        mask_decay_reference(param, None, factor)
-        return None
-    module = native_module() if fits(param, floor, floor_dim) else None
+    module = native_module() if k is not None and fits(param, floor, floor_dim) else None
     if module is None:
-        mask = threshold_topk_mask(param, k, floor=floor, floor_dim=floor_dim)
-        mask_decay_reference(param, mask, factor)
-        return mask
+        return _fallback(param, k, floor=floor, floor_dim=floor_dim, factor=factor)
     return module.project_(param.detach(), k, floor, -1 if floor_dim is None or not floor else floor_dim, factor)

@@ -20,7 +20,7 @@ import torch
 
 from kernels.cpu_projection import project_native
 from kernels.masked_linear import masked_linear_reference, masked_linear_torch
-from kernels.optimizer import adam_update_foreach, adam_update_reference, mask_decay_reference
+from kernels.optimizer import adam_update_foreach, adam_update_reference, composed_projection, mask_decay_reference
 from kernels.sparse_inference import sparse_linear
 from kernels.topk import threshold_topk_mask, topk_mask_reference
 
@@ -42,15 +42,6 @@ class Kernels:
     def __post_init__(self) -> None:
         if self.project is None:  # the mask search and the mask-and-decay pass, one after the other
             object.__setattr__(self, "project", composed_projection(self.topk_mask, self.mask_decay))
-
-
-def composed_projection(topk_mask: Callable, mask_decay: Callable) -> Callable:
-    def project(param, k, *, floor, floor_dim, factor):
-        mask = None if k is None else topk_mask(param, k, floor=floor, floor_dim=floor_dim)
-        mask_decay(param, mask, factor)
-        return mask
-
-    return project
 
 
 def select_kernels(device: torch.device | str, backend: Backend = "auto") -> Kernels:

@@ -54,6 +54,16 @@ def mask_decay_reference(param: torch.Tensor, mask: torch.Tensor | None, factor:
         param.mul_(factor)
 
 
+def composed_projection(topk_mask: Callable, mask_decay: Callable) -> Callable:
+    """A projection (`Kernels.project`) made of a top-k mask search, then the mask-and-decay pass."""
+    def project(param, k, *, floor, floor_dim, factor):
+        mask = None if k is None else topk_mask(param, k, floor=floor, floor_dim=floor_dim)
+        mask_decay(param, mask, factor)
+        return mask
+
+    return project
+
+
 @torch.no_grad()
 def normalize_grad_rms_(
     grads: list[torch.Tensor], mode: str, *, numel: int | None = None, rms: float | None = None

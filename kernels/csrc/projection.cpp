@@ -1,11 +1,12 @@
 // The top-k projection of one weight tensor on the CPU in three passes over memory (issue 18, part 1):
 // per-neuron floor and a histogram of magnitudes together, the threshold bucket's candidates, then
-// mask, zeroing and decay together. The set kept is the one of kernels/topk.py's threshold path (its
+// mask, zeroing and decay together (and a pass over the one slice that holds ties at the threshold).
+// The set kept is the one of kernels/topk.py's threshold path (its
 // tie rule included): first each neuron's `floor` largest along `floor_dim`, then every other entry
 // strictly above the k'-th largest of the rest, then entries equal to it in ascending flat-index order.
 //
 // Magnitudes are compared as the IEEE-754 bits of |w| (sign bit cleared), an order-preserving integer
-// key for non-negative floats, so nothing is sorted: a 65536-bucket histogram of the top 16 bits finds the
+// key for non-negative floats, so nothing is sorted: a 32768-bucket histogram of the top bits finds the
 // bucket of the k'-th largest, and nth_element over that bucket's few entries the exact key.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
