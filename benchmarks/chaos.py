@@ -299,6 +299,12 @@ class Harness:
     def count(self, kind: str) -> int:
         return sum(f.kind == kind for f in self.faults)
 
+    def short(self) -> dict[str, int]:
+        """The kinds injected fewer than --per-kind times so far, with how many are missing (disk_full only where
+        the harness could mount its filesystem)."""
+        wanted = [k for k in KINDS if k != "disk_full" or self.could_mount]
+        return {k: self.per_kind - self.count(k) for k in wanted if self.count(k) < self.per_kind}
+
     def study_folder(self) -> Path:
         return self.fs / self.study.name
 
@@ -422,8 +428,9 @@ class Harness:
             str(p) for p in folder.glob("trials/*/trial.json")}
 
     def chaos(self, max_rounds: int = 4) -> list[dict]:
-        """Rounds of the study under the fault schedule until every fault fired (a round ends when the study
-        finishes, and its invariants are checked then); returns each round's invariants."""
+        """Rounds of the study under the fault schedule until every kind fired --per-kind times (a round ends when
+        the study finishes, and its invariants are checked then; a kind left short when the study finished gets
+        another round, at most max_rounds in all); returns each round's invariants."""
         self.mount()
         terminal = ["driver_kill"] * self.per_kind + (["disk_full"] * self.per_kind if self.mounted else [])
         self.rng.shuffle(terminal)
@@ -432,8 +439,17 @@ class Harness:
         self.rng.shuffle(inrun)
         rounds = []
         for number in range(1, max_rounds + 1):
-            if number > 1 and not terminal and not inrun:
+            if number > 1 and not terminal and not inrun and not self.short():
                 break
+            if number > 1:  # a kind left short: the next round plans the injections it still needs
+                self.say(f"round {number} for what is still short: {json.dumps(self.short())}")
+                for kind, missing in self.short().items():
+                    if kind in ("driver_kill", "disk_full"):
+                        terminal += [kind] * missing
+                    elif kind == "mlflow_down":
+                        inrun += [(kind, None)] * missing
+                    elif kind == "worker_kill":
+                        inrun += [(kind, "checkpoint" if i % 2 == 0 else "step") for i in range(missing)]
             shutil.rmtree(self.study_folder(), ignore_errors=True)
             self.server.kill()
             self.server.folder = self.out / "mlflow-server" / f"round-{number}"
@@ -445,7 +461,7 @@ class Harness:
             result["runs"] = runs
             self.say(f"round {number}: {runs} runs; invariants {json.dumps(result)}")
             rounds.append(result)
-            if number < max_rounds and (terminal or inrun):
+            if number < max_rounds and (terminal or inrun or self.short()):
                 shutil.copytree(self.study_folder(), self.out / f"chaos-study-round-{number}", symlinks=True)
         return rounds
 
@@ -459,7 +475,7 @@ class Harness:
         lo, hi = self.study.window
         while True:
             runs += 1
-            if runs > 1:
+            if runs > 1 or number > 1:  # a gap between runs (a later round starts on the earlier rounds' cache)
                 self.corrupt()
             end = terminal.pop(0) if terminal else None
             vehicles = sum(k == "worker_kill" and m == "step" for k, m in inrun)
@@ -696,11 +712,15 @@ def main(argv: list[str] | None = None) -> int:
                "temp_left": sum(len(r["temp_left"]) for r in rounds), "disk_full_mounted": harness.could_mount,
                "wall_s": round(wall, 1),
                "reference_wall_s": round(reference_wall, 1),
-               "fault_cost_s": round(wall - len(rounds) * reference_wall, 1)}
+               "fault_cost_s": round(wall - len(rounds) * reference_wall, 1),
+               "short": harness.short()}  # kinds still below --per-kind after the last round (empty when none)
     (out / "faults.json").write_text(json.dumps({"faults": [f.__dict__ for f in faults], "rounds": rounds},
                                                 indent=1))
+    if summary["short"]:
+        print(f"chaos: {len(rounds)} round(s) ran out with kinds below --per-kind {args.per_kind}: "
+              f"{json.dumps(summary['short'])}")
     print(json.dumps(summary))
-    return 0 if ok and summary["recovered"] == summary["faults_injected"] else 1
+    return 0 if ok and summary["recovered"] == summary["faults_injected"] and not summary["short"] else 1
 
 
 def _checkpoints_named(folders: list[Path], faults: list[Fault]) -> dict[str, bool]:
