@@ -319,7 +319,7 @@ class Harness:
                 for folder in self.staging():
                     pid = int(folder.name.rsplit("-", 1)[1])
                     published = [c for c in sorted(folder.parent.glob("step-*")) if str(c) not in self.corrupted]
-                    if published and self.count("corrupt_checkpoint") < self.per_kind and self.rng.random() < 0.5:
+                    if published and self.count("corrupt_checkpoint") < self.per_kind:
                         self.corrupt_checkpoint(published[-1])  # the restart finds neither the new one nor this
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -469,7 +469,8 @@ class Harness:
         """Run the study command under faults until it finishes; returns how many runs that took. A run gets
         at most one in-run fault of each kind (all that are left when no terminal fault remains), and ends
         with its terminal fault: at a random moment in the study's window, or a few seconds after the run
-        made progress (a checkpoint or a finished trial), whichever comes first."""
+        made progress (a checkpoint or a finished trial), whichever comes first, but not before the run's worker
+        kills fired (they would otherwise pile up on the last run, which the study can finish before they fire)."""
         command = self.command(self.fs, self.cache, self.server.uri)
         runs = clean_runs = 0
         lo, hi = self.study.window
@@ -502,7 +503,12 @@ class Harness:
                 # the first run waits for progress, so that later gaps have checkpoints to corrupt
                 window = self.study.episode_timeout if runs == 1 and number == 1 else self.rng.uniform(lo, hi)
                 seen, fire_at = self.progress(), run.started + window
-                while run.alive() and time.time() < fire_at:
+                limit = run.started + self.study.episode_timeout
+
+                def kills_pending() -> bool:  # this run's worker kills fire before its terminal fault ends it
+                    return self.fired[(runs, "worker_kill")] < len(mine.get("worker_kill", ()))
+
+                while run.alive() and (time.time() < fire_at or (kills_pending() and time.time() < limit)):
                     if self.progress() - seen:
                         fire_at = min(fire_at, time.time() + self.rng.uniform(0, 5))
                         seen = self.progress()
