@@ -469,8 +469,9 @@ class Harness:
         """Run the study command under faults until it finishes; returns how many runs that took. A run gets
         at most one in-run fault of each kind (all that are left when no terminal fault remains), and ends
         with its terminal fault: at a random moment in the study's window, or a few seconds after the run
-        made progress (a checkpoint or a finished trial), whichever comes first, but not before the run's worker
-        kills fired (they would otherwise pile up on the last run, which the study can finish before they fire)."""
+        made progress (a checkpoint or a finished trial), whichever comes first. Worker kills are spread so that
+        no more are left than terminal faults to carry them (kills a run did not fire wait for the next run;
+        left to the last run, the study can finish before they fire)."""
         command = self.command(self.fs, self.cache, self.server.uri)
         runs = clean_runs = 0
         lo, hi = self.study.window
@@ -485,8 +486,10 @@ class Harness:
                 # must survive by skipping it (these kills count as worker kills too)
                 inrun += [("worker_kill", "step")] * (self.per_kind - self.count("corrupt_checkpoint") - vehicles)
             mine: dict[str, list] = {}
+            kills = sum(k == "worker_kill" for k, _ in inrun)
+            cap = {"worker_kill": max(1, -(-kills // (len(terminal) + 1)))}  # ceil over the runs left
             for kind, mode in list(inrun):
-                if end is None or kind not in mine:
+                if end is None or len(mine.get(kind, ())) < cap.get(kind, 1):
                     mine.setdefault(kind, []).append(mode)
                     inrun.remove((kind, mode))
             log = self.out / "logs" / f"round-{number}-run-{runs:02d}.log"
@@ -503,12 +506,7 @@ class Harness:
                 # the first run waits for progress, so that later gaps have checkpoints to corrupt
                 window = self.study.episode_timeout if runs == 1 and number == 1 else self.rng.uniform(lo, hi)
                 seen, fire_at = self.progress(), run.started + window
-                limit = run.started + self.study.episode_timeout
-
-                def kills_pending() -> bool:  # this run's worker kills fire before its terminal fault ends it
-                    return self.fired[(runs, "worker_kill")] < len(mine.get("worker_kill", ()))
-
-                while run.alive() and (time.time() < fire_at or (kills_pending() and time.time() < limit)):
+                while run.alive() and time.time() < fire_at:
                     if self.progress() - seen:
                         fire_at = min(fire_at, time.time() + self.rng.uniform(0, 5))
                         seen = self.progress()
