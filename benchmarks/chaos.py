@@ -309,7 +309,10 @@ class Harness:
         return self.fs / self.study.name
 
     def staging(self) -> list[Path]:
-        return list(self.study_folder().glob("trials/*/checkpoints/.tmp-step-*"))
+        """Checkpoint writes in progress: staging folders whose writer (the pid in the name) is alive. A killed
+        writer's folder stays until its trial restarts; counting it stalled every later kill of the run."""
+        return [f for f in self.study_folder().glob("trials/*/checkpoints/.tmp-step-*")
+                if psutil.pid_exists(int(f.name.rsplit("-", 1)[1]))]
 
     def kill_worker(self, run: Run, mode: str) -> bool:
         """SIGKILL one worker: mid-checkpoint-write (the pid in a staging folder's name) or mid-step (once the
