@@ -81,6 +81,8 @@ class TorchEngine:
                 name, field = key[len("optim/"):].rsplit("/", 1)
                 self.optimizer.state[params[name]][field] = value if field == "step" else value.to(device)
         load_masks(self.module, tensors, device)
+        if hasattr(self.optimizer, "sync_modules"):  # sparse compute's active sets follow the loaded state
+            self.optimizer.sync_modules()
         torch.set_rng_state(tensors["rng/torch"])
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import sparse_compute as sc
 from kernels.topk import keep_count
 
 
@@ -22,6 +23,7 @@ class SparseSpec:
     group: str  # "matrix" | "embedding" | "bias": which density applies
     floor_dim: int | None  # the per-neuron floor's dim, None for no floor
     decay: bool  # decoupled weight decay applies (weight matrices)
+    module: torch.nn.Module | None = None  # the masked linear whose forward applies it (sparse compute's seam)
 
 
 def adam_update_reference(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps) -> None:
@@ -103,9 +105,11 @@ class SparseAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: list[dict], specs: dict[torch.Tensor, SparseSpec], *, betas: tuple[float, float],
-                 weight_decay: float, floor: int, kernels, grad_rms: str = "rescale") -> None:
+                 weight_decay: float, floor: int, kernels, grad_rms: str = "rescale", compute: str = "exact",
+                 regrow_every: int = 100, candidates: float = 1.0) -> None:
         super().__init__(groups, {"lr": 1e-3, "betas": betas, "eps": 1e-8})
         self.specs, self.weight_decay, self.floor, self.kernels = specs, weight_decay, floor, kernels
+        self.compute, self.regrow_every, self.candidates = compute, regrow_every, candidates
         self.grad_rms_mode = grad_rms
         self.numel = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._global_rms: Callable[[], float] | None = None
@@ -129,18 +133,103 @@ class SparseAdam(torch.optim.Optimizer):
     def step(self, closure: Callable | None = None) -> None:
         assert closure is None, "SparseAdam takes no closure"
         start = time.perf_counter()
+        active = self._active_grads() if self.compute == "sparse" else {}
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         rms = self._global_rms() if self._global_rms is not None else None
-        self.grad_rms = normalize_grad_rms_(grads, self.grad_rms_mode, numel=self.numel, rms=rms)
+        numel = self.numel
+        if active:  # the RMS over the entries that have a gradient: sparse-compute matrices count their active set
+            numel = sum(g.numel() for g in grads) + sum(g.numel() for g in active.values())
+        self.grad_rms = normalize_grad_rms_(grads + list(active.values()), self.grad_rms_mode, numel=numel, rms=rms)
         for group in self.param_groups:
             self._adam(group)
         timings = {"adam_s": time.perf_counter() - start, "project_s": 0.0}
         for group in self.param_groups:
             for p in group["params"]:
-                if p not in self.specs:
-                    continue
-                self.project_(p, p, group["lr"], timings)
+                if p in active:
+                    self._sparse_update(p, active[p], group, timings)
+                elif p in self.specs and "active_index" not in self.state[p]:
+                    self.project_(p, p, group["lr"], timings)
         self.timings = timings
+
+    # --- the L0-following step (sparsity.compute=sparse; kernels/sparse_compute.py) -------------------------
+    def _active_grads(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Each sparse-compute matrix's gradient over its active set. A matrix enters the mode at the first
+        step whose density the dispatch rule (`sparse_compute.pays`) takes, from a dense step; a dense
+        gradient (that step, and every regrow step) first re-chooses the active set (`_regrow`)."""
+        out = {}
+        for p, spec in self.specs.items():
+            module = spec.module
+            if module is None or p.dim() != 2 or not hasattr(module, "active"):
+                continue
+            density = self.densities.get(spec.group, 1.0)
+            if module.active is None:
+                if p.grad is None or module.mask is None or density >= 1.0 or not sc.pays(density, p.device):
+                    continue
+            if p.grad is not None:  # a dense step: the regrow pass
+                out[p] = self._regrow(p, spec, density)
+            else:
+                grad = module.active.take_grad()
+                if grad is not None:
+                    out[p] = grad
+        return out
+
+    def _regrow(self, p: torch.Tensor, spec: SparseSpec, density: float) -> torch.Tensor:
+        module, state = spec.module, self.state[p]
+        k = keep_count(p.numel(), density)
+        index = sc.grow(module.mask, p.grad, sc.candidate_count(k, self.candidates))
+        if "active_index" in state:  # moments of entries that stay active carry over; new ones start at zero
+            old = state["active_index"]
+            state["active_exp_avg"] = sc.carry(old, state["active_exp_avg"], index)
+            state["active_exp_avg_sq"] = sc.carry(old, state["active_exp_avg_sq"], index)
+        else:  # from the exact recipe's dense moments, which are dropped
+            self.init_state([p])
+            state["active_exp_avg"] = state.pop("exp_avg").reshape(-1)[index].clone()
+            state["active_exp_avg_sq"] = state.pop("exp_avg_sq").reshape(-1)[index].clone()
+        state["active_index"] = index
+        grad = p.grad.reshape(-1)[index]
+        p.grad = None
+        module.active = sc.ActiveSet(tuple(p.shape), index, module.mask.reshape(-1)[index])
+        return grad
+
+    def _sparse_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, timings: dict) -> None:
+        """Adam over the active entries, the top-k projection over them, decay; scattered into the dense
+        parameter and its mask (O(active) writes)."""
+        spec, state = self.specs[p], self.state[p]
+        module, index = spec.module, state["active_index"]
+        tick = time.perf_counter()
+        state["step"] += 1
+        values = p.detach().reshape(-1)[index]
+        beta1, beta2 = group["betas"]
+        self.kernels.adam_update([values], [grad], [state["active_exp_avg"]], [state["active_exp_avg_sq"]],
+                                 step=int(state["step"]), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        timings["adam_s"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        k = keep_count(p.numel(), self.densities.get(spec.group, 1.0))
+        kept = sc.project_active(values, module.active, k, self.floor, spec.floor_dim)
+        values.mul_(kept)
+        if spec.decay:
+            values.mul_(1.0 - group["lr"] * self.weight_decay)
+        p.detach().view(-1).index_copy_(0, index, values)
+        module.mask.view(-1).index_copy_(0, index, kept)
+        module.active.set_kept(kept)
+        module.active.regrow = int(state["step"]) % self.regrow_every == 0
+        self.masks[p] = module.mask
+        timings["project_s"] += time.perf_counter() - tick
+
+    def sync_modules(self) -> None:
+        """After a state load: give each sparse-compute matrix's module its active set back (from the
+        optimizer state and the module's mask), or take it away where the state has none."""
+        for p, spec in self.specs.items():
+            if spec.module is None or not hasattr(spec.module, "active"):
+                continue
+            state = self.state.get(p, {})
+            if "active_index" in state and spec.module.mask is not None:
+                index = state["active_index"]
+                spec.module.active = sc.ActiveSet(tuple(p.shape), index, spec.module.mask.reshape(-1)[index])
+                spec.module.active.regrow = int(state["step"]) % self.regrow_every == 0
+                self.masks[p] = spec.module.mask
+            else:
+                spec.module.active = None
 
     @torch.no_grad()
     def project_(self, param: torch.Tensor, full: torch.Tensor, lr: float, timings: dict | None = None) -> None:

@@ -43,6 +43,12 @@ class SparsityConfig:
     anneal_shape: Literal["linear", "power"] = "linear"
     anneal_power: float = 2.0  # power shape: density = target + (1 - target) * (1 - progress) ** power
     sparse_biases: bool = False  # the paper says sparse, its released script keeps them dense
+    # exact: dense products on masked weights (the paper's recipe); sparse: matrices whose density the
+    # dispatch rule takes (kernels/sparse_compute.py, CROSSOVER) train through their nonzeros and a candidate
+    # set (Top-KAST / RigL), with a dense-gradient regrow step every `regrow_every` steps
+    compute: Literal["exact", "sparse"] = "exact"
+    regrow_every: int = 100
+    candidates: float = 1.0  # candidate entries per kept entry in the sparse step's active set
 
 
 def d_mlp(cfg: ModelConfig) -> int:
@@ -127,6 +133,12 @@ def check_sparsity_config(cfg: SparsityConfig) -> None:
         )
     if cfg.anneal_power <= 0:
         raise ValueError(f"sparsity.anneal_power: must be > 0, got {cfg.anneal_power}")
+    if cfg.compute not in ("exact", "sparse"):
+        raise ValueError(f"sparsity.compute: must be exact or sparse, got {cfg.compute!r}")
+    if cfg.regrow_every < 1:
+        raise ValueError(f"sparsity.regrow_every: must be a positive number of steps, got {cfg.regrow_every}")
+    if not cfg.candidates > 0:
+        raise ValueError(f"sparsity.candidates: must be > 0 (candidates per kept entry), got {cfg.candidates}")
 
 
 def check_sparsity_fits(model: ModelConfig, sparsity: SparsityConfig) -> None:

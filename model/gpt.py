@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import Kernels, select_kernels
+from kernels.sparse_compute import sparse_compute_linear
 from kernels.sparse_inference import compress
 from model.config import ModelConfig, abstopk_k, d_mlp, location_width, num_heads
 from model.hooks import HookPoint
@@ -32,6 +33,7 @@ class SparseLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.kernels = kernels
         self.register_buffer("mask", None, persistent=False)
+        self.active = None  # sparse compute's active set (kernels/sparse_compute.py), set by the optimizer
         self._csr: torch.Tensor | None = None
         self._impl = self._masked_forward
 
@@ -39,6 +41,8 @@ class SparseLinear(nn.Linear):
         return self._impl(x)
 
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active is not None and not self.active.regrow:  # sparsity.compute=sparse, between regrow steps
+            return sparse_compute_linear(x, self.weight, self.active, self.bias)
         return self.kernels.linear(x, self.weight, self.mask, self.bias)
 
     def _compressed_forward(self, x: torch.Tensor) -> torch.Tensor:

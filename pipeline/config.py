@@ -172,6 +172,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
         for check, section in checks:
             check(section)
         check_sparsity_fits(cfg.model, cfg.sparsity)
+        if cfg.sparsity.compute == "sparse" and (cfg.trial.workers > 1 or cfg.trial.engine == "deepspeed"):
+            raise ValueError("sparsity.compute: sparse trains on the torch engine (trial.workers=1): ZeRO shards "
+                             "dense optimizer state, the sparse step keeps it on the active entries only")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

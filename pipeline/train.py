@@ -76,12 +76,13 @@ def build_optimizer(
         groups.append({"params": bigram, "eps": train.bigram_eps, "lr": train.lr})
     if bridge:  # dense maps in their own group, with the small eps of the other dense parameter (the table)
         groups.append({"params": bridge, "eps": train.bigram_eps, "lr": train.lr})
-    specs = {t.param: SparseSpec(t.group, t.floor_dim, decay=t.param.dim() == 2) for t in tensors}
+    specs = {t.param: SparseSpec(t.group, t.floor_dim, decay=t.param.dim() == 2, module=t.module) for t in tensors}
     for name, p in params:  # dense matrices (e.g. the dense baseline's) still decay
         if p.dim() == 2 and not is_bigram(name) and p not in specs:
             specs[p] = SparseSpec("dense", None, decay=True)
     return SparseAdam(groups, specs, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
-                      floor=sparsity.neuron_floor, kernels=model.kernels, grad_rms=train.grad_rms)
+                      floor=sparsity.neuron_floor, kernels=model.kernels, grad_rms=train.grad_rms,
+                      compute=sparsity.compute, regrow_every=sparsity.regrow_every, candidates=sparsity.candidates)
 
 
 
