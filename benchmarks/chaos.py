@@ -470,11 +470,11 @@ class Harness:
 
     def round(self, number: int, terminal: list[str], inrun: list) -> int:
         """Run the study command under faults until it finishes; returns how many runs that took. A run gets
-        at most one in-run fault of each kind (all that are left when no terminal fault remains), and ends
-        with its terminal fault: at a random moment in the study's window, or a few seconds after the run
-        made progress (a checkpoint or a finished trial), whichever comes first. Worker kills are spread so that
-        no more are left than terminal faults to carry them (kills a run did not fire wait for the next run;
-        left to the last run, the study can finish before they fire)."""
+        at most one in-run fault of each kind (all that are left when no terminal fault remains; worker
+        kills spread so that no more are left than runs to carry them), and ends with its terminal fault: at
+        a random moment in the study's window, or a few seconds after the run made progress (a checkpoint
+        or a finished trial), whichever comes first, once the run's worker kills fired (or a bounded wait
+        for them ran out). Kills a run did not fire wait for the next run."""
         command = self.command(self.fs, self.cache, self.server.uri)
         runs = clean_runs = 0
         lo, hi = self.study.window
@@ -509,9 +509,21 @@ class Harness:
                 # the first run waits for progress, so that later gaps have checkpoints to corrupt
                 window = self.study.episode_timeout if runs == 1 and number == 1 else self.rng.uniform(lo, hi)
                 seen, fire_at = self.progress(), run.started + window
-                while run.alive() and time.time() < fire_at:
+                # Ray Train's workers come up about 30 s into a run here, and the first checkpoint soon after:
+                # a terminal fault fired on that progress beat this run's worker kills to it nearly every
+                # time. So while the run holds kills not yet fired, the terminal fault waits for them (at
+                # most 30 s past the window), then fires within seconds.
+                hold_until = run.started + hi + 30
+                while run.alive():
+                    now = time.time()
+                    if self.fired[(runs, "worker_kill")] < len(mine.get("worker_kill", ())) and now < hold_until:
+                        seen = self.progress()
+                        time.sleep(0.2)
+                        continue
+                    if now >= fire_at:
+                        break
                     if self.progress() - seen:
-                        fire_at = min(fire_at, time.time() + self.rng.uniform(0, 5))
+                        fire_at = min(fire_at, now + self.rng.uniform(0, 5))
                         seen = self.progress()
                     time.sleep(0.2)
                 self.quiet.wait()  # an MLflow outage in progress ends before the terminal fault
