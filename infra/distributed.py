@@ -165,6 +165,10 @@ def _entry(rank: int, fn: Callable[..., None], workers: int, port: int, errors: 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     try:
         fn(*args)
+        # Gloo's worker threads must be joined while the interpreter is alive: a process that exits with
+        # its group still up can abort in a C++ destructor ("terminate called without an active
+        # exception", SIGABRT) after its work is done, which CI once saw fail a passing run.
+        shutdown()
     except BaseException as err:
         try:  # the exception's class and message, for spawn() to raise in the parent
             _report(errors, rank, err)

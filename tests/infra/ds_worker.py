@@ -85,3 +85,19 @@ def fail_on_rank_one(message: str) -> None:
     if os.environ["RANK"] == "1":
         raise WorkerError(f"{message} on rank 1")
     time.sleep(600)
+
+
+def group_at_exit(out: str) -> None:
+    """Join the group, gather once (gloo starts its worker threads), and record at interpreter exit
+    whether the group is still up: spawn() must have destroyed it before the interpreter goes down."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from infra.distributed import init_process_group
+
+    rank, world = init_process_group("gloo")
+    gathered = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor([float(rank)]))
+    assert [float(t) for t in gathered] == [float(r) for r in range(world)]
+    atexit.register(lambda: Path(f"{out}.{rank}").write_text(str(dist.is_initialized())))

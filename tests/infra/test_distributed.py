@@ -58,3 +58,10 @@ def test_collectives_reduce_on_the_backends_device(monkeypatch, backend, kind):
 
 class _Reduced(Exception):
     """Stops all_reduce_mean after the reduction (a meta tensor has no value to read back)."""
+
+
+def test_workers_leave_no_process_group_up_at_exit(tmp_path):
+    """A worker that exits with its gloo group up can abort in a C++ destructor after its work is done
+    (SIGABRT: CI saw it fail a passing DeepSpeed run), so spawn() destroys the group when fn returns."""
+    spawn(ds_worker.group_at_exit, 2, str(tmp_path / "up"))
+    assert [(tmp_path / f"up.{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
