@@ -336,13 +336,15 @@ class Harness:
             else:
                 workers = [w for w in run.workers() if not self.staging()]
                 if workers and any(self.study_folder().glob("trials/*/checkpoints/step-*")):
+                    newest = {w.pid: self.newest_uncorrupted(_trial_of(w)) for w in workers}
+                    if self.count("corrupt_checkpoint") < self.per_kind and any(newest.values()):
+                        # a corrupt checkpoint still short: a victim whose trial has one to corrupt
+                        workers = [w for w in workers if newest[w.pid]]
                     victim = self.rng.choice(workers)
                     trial = _trial_of(victim)
-                    newest = sorted(trial.glob("checkpoints/step-*"))[-1:] if trial else []
-                    if newest and self.count("corrupt_checkpoint") < self.per_kind \
-                            and str(newest[0]) not in self.corrupted:
+                    if newest[victim.pid] and self.count("corrupt_checkpoint") < self.per_kind:
                         # bit rot found at the restart: the restarted worker must skip it for the previous one
-                        self.corrupt_checkpoint(newest[0])
+                        self.corrupt_checkpoint(newest[victim.pid])
                     try:
                         victim.kill()
                     except psutil.NoSuchProcess:
@@ -352,6 +354,11 @@ class Harness:
                     return True
                 time.sleep(0.5)
         return False
+
+    def newest_uncorrupted(self, trial: Path | None) -> Path | None:
+        """The newest published checkpoint of `trial` (a trial folder, or None), unless already corrupted."""
+        newest = sorted(trial.glob("checkpoints/step-*"))[-1:] if trial is not None else []
+        return newest[0] if newest and str(newest[0]) not in self.corrupted else None
 
     def metric_lines(self) -> int:
         total = 0
@@ -454,6 +461,7 @@ class Harness:
                     elif kind == "worker_kill":
                         inrun += [(kind, "checkpoint" if i % 2 == 0 else "step") for i in range(missing)]
             shutil.rmtree(self.study_folder(), ignore_errors=True)
+            self.corrupted.clear()  # a new study folder: the same paths hold new checkpoints
             self.server.kill()
             self.server.folder = self.out / "mlflow-server" / f"round-{number}"
             self.server.folder.mkdir(parents=True, exist_ok=True)
