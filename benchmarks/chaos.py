@@ -317,6 +317,7 @@ class Harness:
     def kill_worker(self, run: Run, mode: str) -> bool:
         """SIGKILL one worker: mid-checkpoint-write (the pid in a staging folder's name) or mid-step (once the
         run has a checkpoint to resume from). False if the run ended first."""
+        patience = None  # mid-step: until when to wait for a victim that can carry a corrupt checkpoint
         while run.alive() and not self.stopped.is_set():
             if mode == "checkpoint":
                 for folder in self.staging():
@@ -337,9 +338,15 @@ class Harness:
                 workers = [w for w in run.workers() if not self.staging()]
                 if workers and any(self.study_folder().glob("trials/*/checkpoints/step-*")):
                     newest = {w.pid: self.newest_uncorrupted(_trial_of(w)) for w in workers}
-                    if self.count("corrupt_checkpoint") < self.per_kind and any(newest.values()):
+                    wanted = self.count("corrupt_checkpoint") < self.per_kind
+                    if wanted and any(newest.values()):
                         # a corrupt checkpoint still short: a victim whose trial has one to corrupt
                         workers = [w for w in workers if newest[w.pid]]
+                    elif wanted and time.time() < (patience := patience or time.time() + 20):
+                        # none yet (a worker names its trial only while its run's metrics file is open,
+                        # and a trial's first checkpoint comes a while after its start): wait a little
+                        time.sleep(0.5)
+                        continue
                     victim = self.rng.choice(workers)
                     trial = _trial_of(victim)
                     if newest[victim.pid] and self.count("corrupt_checkpoint") < self.per_kind:
