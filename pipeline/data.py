@@ -46,6 +46,11 @@ class DataConfig:
     mix: dict[str, float] | None = None
     idioms_mb: float = 20.0  # size of the generated `idioms` source when no mix sizes it
     idioms_seed: int = 0
+    # BPE is trained on a seeded sample of the train split of about this size (documents drawn by a hash
+    # of the seed and their content, so the draw is fixed by the corpus, not by reading order); a train
+    # split no larger than it is used whole. Training needs the sample in memory, not the corpus.
+    tokenizer_sample_mb: float = 200.0
+    tokenizer_sample_seed: int = 0
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -66,6 +71,8 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ValueError("data.text_column: must not be empty")
     if cfg.idioms_mb <= 0:
         raise ValueError(f"data.idioms_mb: must be > 0, got {cfg.idioms_mb}")
+    if not cfg.tokenizer_sample_mb > 0:
+        raise ValueError(f"data.tokenizer_sample_mb: must be > 0, got {cfg.tokenizer_sample_mb}")
     if cfg.mix and set(cfg.mix) != set(cfg.sources):
         raise ValueError(f"data.mix: must weigh exactly the sources {list(cfg.sources)}, got {sorted(cfg.mix)} "
                          "(data.mix=null uses every source whole)")
@@ -121,7 +128,8 @@ def build_data(
         idioms_bytes=int(cfg.idioms_mb * 1e6), idioms_seed=cfg.idioms_seed,
     )
     splits = split_documents(corpus.documents, cfg.val_fraction)
-    key = cache_key(cfg, corpus.documents)
+    sample = tokenizer_sample(cfg, splits["train"])
+    key = cache_key(cfg, corpus.documents, sampled=sample is not None)
     folder = Path(cfg.cache_dir).expanduser().resolve() / key
     if (folder / MANIFEST).is_file() and (problem := _damage(folder)):
         # the cache is ours and content-addressed: a damaged copy is rebuilt, byte-identical, not trusted
@@ -130,7 +138,7 @@ def build_data(
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
     if not (folder / MANIFEST).is_file():
-        _build_into(folder, cfg, corpus, splits, key, config_yaml, progress)
+        _build_into(folder, cfg, corpus, splits, sample, key, config_yaml, progress)
         return DataResult(Dataset.open(folder), reused=False, seconds=time.perf_counter() - start)
     return DataResult(Dataset.open(folder), reused=True, seconds=time.perf_counter() - start)
 
@@ -166,8 +174,25 @@ def split_documents(documents: list[Document], val_fraction: float) -> dict[str,
     return splits
 
 
-def cache_key(cfg: DataConfig, documents: list[Document]) -> str:
-    """Hash of the documents and of every setting that changes the tokens (not where they came from)."""
+def tokenizer_sample(cfg: DataConfig, train: list[Document]) -> tuple[list[Document], float] | None:
+    """The train documents BPE is trained on and the share drawn, or None when the split is used whole
+    (it holds no more than `data.tokenizer_sample_mb`). A document is drawn when a hash of the seed and
+    its content digest falls below share = sample bytes / split bytes: the draw depends on the corpus and
+    the seed only, and a streaming reader can make it one document at a time."""
+    total = sum(len(d.text.encode("utf-8")) for d in train)
+    share = cfg.tokenizer_sample_mb * 1e6 / max(total, 1)
+    if share >= 1.0:
+        return None
+    seed = str(cfg.tokenizer_sample_seed).encode("ascii")
+    drawn = [d for d in train
+             if int.from_bytes(hashlib.sha256(seed + bytes.fromhex(d.digest)).digest()[:8], "big") < share * 2**64]
+    return drawn, share
+
+
+def cache_key(cfg: DataConfig, documents: list[Document], *, sampled: bool = False) -> str:
+    """Hash of the documents and of every setting that changes the tokens (not where they came from). The
+    tokenizer sample's settings count only where they draw a sample (`sampled`): a corpus used whole keeps
+    the key it had before the sample existed."""
     settings = {
         "format": FORMAT_VERSION,
         "tokenizers": tokenizers.__version__,
@@ -177,6 +202,8 @@ def cache_key(cfg: DataConfig, documents: list[Document]) -> str:
         "val_fraction": cfg.val_fraction,
         "shard_tokens": cfg.shard_tokens,
     }
+    if sampled:
+        settings["tokenizer_sample"] = {"mb": cfg.tokenizer_sample_mb, "seed": cfg.tokenizer_sample_seed}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8"))
     for doc in documents:
         digest.update(bytes.fromhex(doc.digest))
@@ -188,6 +215,7 @@ def _build_into(
     cfg: DataConfig,
     corpus: Corpus,
     splits: dict[str, list[Document]],
+    sample: tuple[list[Document], float] | None,
     key: str,
     config_yaml: str | None,
     progress: bool,
@@ -200,7 +228,7 @@ def _build_into(
     staging = folder.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        manifest = _write_dataset(staging, cfg, corpus, splits, key, progress)
+        manifest = _write_dataset(staging, cfg, corpus, splits, sample, key, progress)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if config_yaml is not None:
             (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -224,12 +252,21 @@ def _alive(pid: int) -> bool:
 
 
 def _write_dataset(
-    staging: Path, cfg: DataConfig, corpus: Corpus, splits: dict[str, list[Document]], key: str, progress: bool
+    staging: Path, cfg: DataConfig, corpus: Corpus, splits: dict[str, list[Document]],
+    sample: tuple[list[Document], float] | None, key: str, progress: bool
 ) -> dict:
-    train_texts = [d.text for d in splits["train"]]
-    tokenizer = train_tokenizer(
-        train_texts, vocab_size=cfg.vocab_size, required_tokens=cfg.required_tokens, progress=progress
-    )
+    drawn, share = sample if sample is not None else (splits["train"], 1.0)
+    try:
+        if not drawn:
+            raise DataError("the sample drew no documents")
+        tokenizer = train_tokenizer(
+            [d.text for d in drawn], vocab_size=cfg.vocab_size, required_tokens=cfg.required_tokens, progress=progress
+        )
+    except DataError as err:
+        if sample is None:
+            raise
+        raise DataError(f"data.tokenizer_sample_mb: BPE trained on a sample of {share:.1%} of the train split "
+                        f"({cfg.tokenizer_sample_mb:g} MB): {err}; raise data.tokenizer_sample_mb") from None
     tokenizer.save(str(staging / TOKENIZER))
     dtype = token_dtype(cfg.vocab_size)
     shards, split_stats = [], {}
@@ -257,6 +294,8 @@ def _write_dataset(
             "vocab_size": tokenizer.get_vocab_size(),
             "eot_id": eot_id(tokenizer),
             "required_tokens": {t: tokenizer.token_to_id(_byte_level(tokenizer, t)) for t in cfg.required_tokens},
+            "trained_on": {"documents": len(drawn), "bytes": sum(len(d.text.encode("utf-8")) for d in drawn),
+                           "share": share, "seed": cfg.tokenizer_sample_seed if sample is not None else None},
         },
         "dtype": dtype.name,
         "shards": shards,

@@ -175,3 +175,42 @@ def test_stdlib_corpus_learns_the_punctuation_tokens(stdlib_dataset):
         assert len(tok.encode(text).ids) == 1, text
     assert json.loads((result.dataset.folder / "manifest.json").read_text())["tokenizer"]["eot_id"] == 2047
     assert build_data(cfg.data, progress=False).reused
+
+
+def test_bpe_is_trained_on_a_seeded_sample_of_the_train_split(tmp_path):
+    """A train split larger than data.tokenizer_sample_mb trains BPE on a documented, reproducible sample
+    of about that size (the manifest says what it drew); one that fits is used whole and keeps the key it
+    always had. The corpus: 0.6 MB of generated programs (thousands of small documents)."""
+    def config(name, *extra):
+        return resolve_config(None, [f"data.cache_dir={tmp_path / name}", "data.sources=[idioms]",
+                                     "data.idioms_mb=0.6", "data.vocab_size=512", *extra]).data
+
+    whole = build_data(config("whole"), progress=False).dataset
+    trained = whole.manifest["tokenizer"]["trained_on"]
+    assert trained["share"] == 1.0 and trained["seed"] is None
+    assert trained["documents"] == whole.manifest["splits"]["train"]["documents"] > 1000
+    documents = collect_documents(["idioms"], exclude=[], text_column="text", progress=False,
+                                  idioms_bytes=600_000).documents
+    assert whole.manifest["key"] == data_stage.cache_key(config("whole"), documents)  # the key it always had
+
+    sampled = [build_data(config(name, "data.tokenizer_sample_mb=0.15"), progress=False).dataset for name in "ab"]
+    drawn = sampled[0].manifest["tokenizer"]["trained_on"]
+    assert drawn == sampled[1].manifest["tokenizer"]["trained_on"] and drawn["seed"] == 0
+    assert 0.2 < drawn["share"] < 0.35 and 0.8 * 150_000 < drawn["bytes"] < 1.2 * 150_000  # about the size asked for
+    assert sampled[0].manifest["key"] == sampled[1].manifest["key"] != whole.manifest["key"]
+    vocab = [(d.folder / "tokenizer.json").read_bytes() for d in (*sampled, whole)]
+    assert vocab[0] == vocab[1] != vocab[2]  # reproducible, and not the whole split's
+    for split in ("train", "val"):  # the sample trains BPE only: every document is still encoded
+        assert sampled[0].manifest["splits"][split]["documents"] == whole.manifest["splits"][split]["documents"]
+    tok = Tokenizer.from_file(str(sampled[0].folder / "tokenizer.json"))
+    assert len(tok.encode("]]\n").ids) == 1 and tok.get_vocab_size() == 512  # required tokens still hold
+
+    other = build_data(config("c", "data.tokenizer_sample_mb=0.15", "data.tokenizer_sample_seed=1"),
+                       progress=False).dataset
+    assert other.manifest["key"] != sampled[0].manifest["key"]
+    assert (other.folder / "tokenizer.json").read_bytes() != vocab[0]  # another seed, another draw
+
+    with pytest.raises(DataError, match="data.tokenizer_sample_mb"):  # a sample too small for the vocabulary
+        build_data(config("d", "data.tokenizer_sample_mb=0.0005"), progress=False)
+    with pytest.raises(ValueError, match="data.tokenizer_sample_mb"):
+        config("e", "data.tokenizer_sample_mb=0")
