@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip uninstall --quiet -y $(UNWANTED)
 	# the native CPU projection (kernels/cpu_projection.py), compiled once into torch's extension cache
 	$(BIN)/python -c "from kernels.cpu_projection import native_module; native_module()"
+	# DeepSpeed's shared-memory allreduce op for CPU runs of two or more workers (about 100 s of g++ on 2
+	# cores), cached like the projection: otherwise the first such run (or test) pays for it
+	$(BIN)/python -c "from infra.distributed import prebuild_cpu_comm_op; prebuild_cpu_comm_op()"
 	touch $(STAMP)
 
 # ruff, then DESIGN.md's import layers and the absence of import cycles (contracts in pyproject.toml)
