@@ -337,7 +337,8 @@ class Harness:
             else:
                 workers = [w for w in run.workers() if not self.staging()]
                 if workers and any(self.study_folder().glob("trials/*/checkpoints/step-*")):
-                    newest = {w.pid: self.newest_uncorrupted(_trial_of(w)) for w in workers}
+                    trials = {w.pid: _trial_of(w) for w in workers}
+                    newest = {pid: self.newest_uncorrupted(trial) for pid, trial in trials.items()}
                     wanted = self.count("corrupt_checkpoint") < self.per_kind
                     if wanted and any(newest.values()):
                         # a corrupt checkpoint still short: a victim whose trial has one to corrupt
@@ -348,7 +349,7 @@ class Harness:
                         time.sleep(0.5)
                         continue
                     victim = self.rng.choice(workers)
-                    trial = _trial_of(victim)
+                    trial = trials[victim.pid]
                     if newest[victim.pid] and self.count("corrupt_checkpoint") < self.per_kind:
                         # bit rot found at the restart: the restarted worker must skip it for the previous one
                         self.corrupt_checkpoint(newest[victim.pid])

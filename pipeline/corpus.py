@@ -37,6 +37,7 @@ _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
 class Document:
     text: str
     digest: str  # sha256 of the UTF-8 bytes: the dedup key and the split key
+    size: int  # length of the UTF-8 bytes
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ def collect_documents(
     for source, docs in texts.items():
         corpus.bytes_per_source[source] = 0
         for text in docs:
-            doc = Document(text=text, digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
+            raw = text.encode("utf-8")
+            doc = Document(text=text, digest=hashlib.sha256(raw).hexdigest(), size=len(raw))
             if doc.digest in unique:
                 corpus.skipped["duplicate"] += 1
             else:
                 unique[doc.digest] = doc
-                corpus.bytes_per_source[source] += len(text.encode("utf-8"))
+                corpus.bytes_per_source[source] += doc.size
     if not unique:
         raise DataError(f"data.sources: no usable documents in {sources} (skipped: {dict(corpus.skipped)})")
     corpus.documents = [unique[d] for d in sorted(unique)]

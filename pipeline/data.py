@@ -179,7 +179,7 @@ def tokenizer_sample(cfg: DataConfig, train: list[Document]) -> tuple[list[Docum
     (it holds no more than `data.tokenizer_sample_mb`). A document is drawn when a hash of the seed and
     its content digest falls below share = sample bytes / split bytes: the draw depends on the corpus and
     the seed only, and a streaming reader can make it one document at a time."""
-    total = sum(len(d.text.encode("utf-8")) for d in train)
+    total = sum(d.size for d in train)
     share = cfg.tokenizer_sample_mb * 1e6 / max(total, 1)
     if share >= 1.0:
         return None
@@ -276,7 +276,7 @@ def _write_dataset(
             tokenizer, texts, eot=eot_id(tokenizer), dtype=dtype, desc=f"encoding {name}", progress=progress
         )
         shards += write_shards(tokens, staging, split=name, shard_tokens=cfg.shard_tokens)
-        num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        num_bytes = sum(d.size for d in docs)
         split_stats[name] = {"documents": len(docs), "bytes": num_bytes, "tokens": int(len(tokens))}
     return {
         "format_version": FORMAT_VERSION,
@@ -294,7 +294,7 @@ def _write_dataset(
             "vocab_size": tokenizer.get_vocab_size(),
             "eot_id": eot_id(tokenizer),
             "required_tokens": {t: tokenizer.token_to_id(_byte_level(tokenizer, t)) for t in cfg.required_tokens},
-            "trained_on": {"documents": len(drawn), "bytes": sum(len(d.text.encode("utf-8")) for d in drawn),
+            "trained_on": {"documents": len(drawn), "bytes": sum(d.size for d in drawn),
                            "share": share, "seed": cfg.tokenizer_sample_seed if sample is not None else None},
         },
         "dtype": dtype.name,
