@@ -32,8 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from infra.tracking import NullTracker  # noqa: E402
 from model.gpt import GPT  # noqa: E402
+from pipeline.build import collect_documents  # noqa: E402
 from pipeline.config import resolve_config  # noqa: E402
-from pipeline.corpus import STDLIB_SOURCE, collect_documents  # noqa: E402
+from pipeline.corpus import STDLIB_SOURCE  # noqa: E402
 from pipeline.data import build_data, split_documents  # noqa: E402
 from pipeline.evaluate import task_metrics  # noqa: E402
 from pipeline.idioms import generate  # noqa: E402

@@ -18,8 +18,8 @@ from pathlib import Path
 # This folder holds kernels.py: run as a script, it would shadow the `kernels` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from pipeline.build import collect_documents  # noqa: E402
 from pipeline.config import resolve_config, token_loader  # noqa: E402
-from pipeline.corpus import collect_documents  # noqa: E402
 from pipeline.data import build_data, split_documents  # noqa: E402
 from pipeline.shards import encode_documents, token_dtype  # noqa: E402
 from pipeline.tokenizer import eot_id  # noqa: E402

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             config = config or str(Path(args.run_dir) / "config.yaml")  # the run's own resolved config
         check_overrides(args.overrides)
         cfg = resolve_config(config, args.overrides)
+        if cfg.data.engine == "ray":  # a verb that builds data with Ray needs its runner, which lives in sweeps/
+            import sweeps.data_engine  # noqa: F401
         return args.run(cfg, args)
     except UserError as err:
         print(f"circuitscale: error: {err}", file=sys.stderr)
@@ -238,7 +240,7 @@ def run_prune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
         def search(task: str):
             return search_prune(run_dir, cfg, task, cfg.prune.search_runs, storage=run_dir / "prune_search",
-                                data=dataset.folder, device=args.device).best  # --device as given: the search picks
+                                data=dataset.location, device=args.device).best  # --device as given: the search picks
 
     with tracked_run(cfg.tracking, run_dir) as tracker:  # the run's own MLflow run, continued
         result = prune_run(run_dir, cfg, dataset, tracker, device=device, progress=not args.no_progress,
@@ -325,7 +327,7 @@ def describe_data(result: DataResult) -> str:
     files = m["files"]
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(files["skipped"].items())) or "none"
     lines = [
-        f"{'reused cached' if result.reused else 'built'} dataset in {result.seconds:.1f}s: {result.dataset.folder}",
+        f"{'reused cached' if result.reused else 'built'} dataset in {result.seconds:.1f}s: {result.dataset.location}",
         f"  sources: {', '.join(m['sources'])}",
         f"  files read: {files['read']}  skipped: {skipped}  documents: {m['documents']}",
     ]

@@ -176,7 +176,7 @@ def run_bridge(dense_run: Path, cfg: ExperimentConfig, *, device: str = "cpu", p
     if finished(run_dir, cfg, SUMMARY):
         return run_dir, json.loads((run_dir / SUMMARY).read_text())["final"]
     dataset = build_data(cfg.data, progress=progress).dataset
-    rank = functools.partial(bridge_rank, dense_run, cfg, dataset.folder, device=device, progress=progress)
+    rank = functools.partial(bridge_rank, dense_run, cfg, dataset.location, device=device, progress=progress)
     if cfg.trial.workers == 1:
         rank(log=log)
     else:
@@ -185,8 +185,8 @@ def run_bridge(dense_run: Path, cfg: ExperimentConfig, *, device: str = "cpu", p
     return run_dir, json.loads((run_dir / SUMMARY).read_text())["final"]
 
 
-def bridge_rank(dense_run: Path, cfg: ExperimentConfig, data: Path, *, device: str = "cpu", progress: bool = False,
-                log: Callable[[str], None] = print) -> None:
+def bridge_rank(dense_run: Path, cfg: ExperimentConfig, data: str | Path, *, device: str = "cpu",
+                progress: bool = False, log: Callable[[str], None] = print) -> None:
     """One rank of the bridge run: every rank trains; rank 0 owns the MLflow run, exports and writes the
     figures (final_metrics.json last)."""
     run_dir = bridge_dir_for(cfg)

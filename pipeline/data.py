@@ -5,6 +5,9 @@ tokens, so the same sources and config reuse the existing shards. A build happen
 folder renamed into place, so an interrupted run leaves nothing half-written.
 """
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -12,19 +15,42 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import tokenizers
 from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 
-from pipeline.corpus import STDLIB_SOURCE, Corpus, Document, collect_documents
+from infra.checkpoint import file_sha256, write_atomic
+from infra.storage import Mirror, StorageError, is_uri
+from pipeline import idioms
+from pipeline.build import (
+    ENGINES,
+    Plan,
+    drawn_for_tokenizer,
+    encode_task,
+    encoded_tokens,
+    is_val,
+    plan_units,
+    publish,
+    published,
+    read_bucket,
+    run_tasks,
+    scan_corpus,
+)
+from pipeline.corpus import IDIOMS_SOURCE, STDLIB_SOURCE, Corpus, Document
 from pipeline.errors import DataError
-from pipeline.shards import encode_documents, token_dtype, verify_shard, write_shards
+from pipeline.shards import ShardWriter, token_dtype, verify_shard
 from pipeline.tokenizer import NUM_BYTE_TOKENS, PRETOKENIZE_PATTERN, eot_id, tokenizer_digest, train_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+NODE_CACHE_ENV = "CIRCUITSCALE_DATA_CACHE"
+BUILD = "build.json"  # when and how it was built: kept out of the manifest, which depends on the input only
 TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val")
 
@@ -51,6 +77,11 @@ class DataConfig:
     # split no larger than it is used whole. Training needs the sample in memory, not the corpus.
     tokenizer_sample_mb: float = 200.0
     tokenizer_sample_seed: int = 0
+    # local: the build's tasks run one after another in this process; ray: as Ray Data tasks on every CPU of
+    # the cluster (RAY_ADDRESS's, else a local Ray), cache_dir then on storage every node mounts. The same
+    # input gives the same shards and manifest either way.
+    engine: str = "local"
+    bucket_mb: float = 64.0  # text per hash bucket: what one dedup / encode task holds in memory
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -71,6 +102,14 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ValueError("data.text_column: must not be empty")
     if cfg.idioms_mb <= 0:
         raise ValueError(f"data.idioms_mb: must be > 0, got {cfg.idioms_mb}")
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"data.engine: must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.engine == "ray" and is_uri(cfg.cache_dir):
+        raise ValueError("data.engine=ray: its tasks share a work folder under data.cache_dir, so that must be a "
+                         f"path every node mounts, not the URI {cfg.cache_dir!r} (data.engine=local builds on "
+                         "the driver and uploads there)")
+    if not cfg.bucket_mb > 0:
+        raise ValueError(f"data.bucket_mb: must be > 0, got {cfg.bucket_mb}")
     if not cfg.tokenizer_sample_mb > 0:
         raise ValueError(f"data.tokenizer_sample_mb: must be > 0, got {cfg.tokenizer_sample_mb}")
     if cfg.mix and set(cfg.mix) != set(cfg.sources):
@@ -80,20 +119,47 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.mix: weights must be > 0, got {dict(cfg.mix)}")
 
 
+def node_cache() -> Path:
+    """This node's cache of datasets kept on object storage ($CIRCUITSCALE_DATA_CACHE, else
+    ~/.cache/circuitscale/data): every rank on the node opens the same copy, fetched once."""
+    return Path(os.environ.get(NODE_CACHE_ENV) or "~/.cache/circuitscale/data").expanduser().resolve()
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """A built dataset folder: manifest, tokenizer and shards."""
+    """A built dataset folder: manifest, tokenizer and shards. Opened by URI (`data.cache_dir` on object
+    storage), the folder is this node's copy (`node_cache()`): the manifest and tokenizer are fetched at
+    open, each shard when first asked for (`shard_path`), checked against the manifest's sha256."""
 
     folder: Path
     manifest: dict
+    source: str | None = None  # the URI the folder is a node-local copy of
 
     @classmethod
-    def open(cls, folder: str | Path) -> "Dataset":
-        folder = Path(folder)
+    def open(cls, location: str | Path) -> "Dataset":
+        if is_uri(str(location)):
+            return cls._fetch(str(location).rstrip("/"))
+        folder = Path(location)
         path = folder / MANIFEST
         if not path.is_file():
             raise DataError(f"{folder} is not a dataset folder (no {MANIFEST}); run `circuitscale data`")
         return cls(folder=folder, manifest=json.loads(path.read_text(encoding="utf-8")))
+
+    @classmethod
+    def _fetch(cls, uri: str) -> "Dataset":
+        mirror = _mirror(uri)
+        folder = node_cache() / uri.rsplit("/", 1)[1]
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder.parent):  # the ranks of one node fetch once
+            for name in (TOKENIZER, MANIFEST):  # the manifest last: a folder with one is complete
+                if not (folder / name).is_file():
+                    _download(mirror, name, folder / name)
+        return cls(folder=folder, manifest=json.loads((folder / MANIFEST).read_text(encoding="utf-8")), source=uri)
+
+    @property
+    def location(self) -> str:
+        """How another process, on any node, opens this dataset: its URI, else its folder."""
+        return self.source or str(self.folder)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(str(self.folder / TOKENIZER))
@@ -102,6 +168,39 @@ class Dataset:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return [s for s in self.manifest["shards"] if s["split"] == split]
+
+    def shard_path(self, entry: dict) -> Path:
+        """The local file of a manifest's shard entry, fetched (and checked) first if this is a node copy."""
+        path = self.folder / entry["file"]
+        if self.source is not None and not path.is_file():
+            with _locked(self.folder.parent):
+                if not path.is_file():
+                    _download(_mirror(self.source), entry["file"], path, sha256=entry["sha256"])
+        return path
+
+
+def _mirror(uri: str) -> Mirror:
+    try:
+        return Mirror.open(uri)
+    except StorageError as err:
+        raise DataError(f"data.cache_dir: {err}") from None
+
+
+def _download(mirror: Mirror, name: str, path: Path, *, sha256: str | None = None) -> None:
+    tmp = path.with_name(f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            pafs.copy_files(f"{mirror.root}/{name}", str(tmp), source_filesystem=mirror.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        except (OSError, pa.ArrowInvalid) as err:
+            raise DataError(f"{mirror.uri}/{name}: cannot fetch it ({str(err).splitlines()[0]}); "
+                            "is it a dataset `circuitscale data` built?") from None
+        if sha256 is not None and (actual := file_sha256(tmp)) != sha256:
+            raise DataError(f"shard {mirror.uri}/{name} is corrupt: sha256 {actual[:12]}... does not match the "
+                            f"manifest's {sha256[:12]}...; rerun `circuitscale data` to upload it again")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -120,27 +219,126 @@ def build_data(
 ) -> DataResult:
     """Build (or reuse) the dataset for `cfg`; `config_yaml` is written beside the shards. A cached copy is
     checked against its manifest's checksums first; a damaged one is reported (`warn`, with the file's path)
-    and rebuilt."""
+    and rebuilt. A build killed midway resumes from its work folder (`<cache_dir>/.build-<listing key>`)."""
     start = time.perf_counter()
-    corpus = collect_documents(
-        cfg.sources, exclude=cfg.exclude, text_column=cfg.text_column, progress=progress,
-        mix=dict(cfg.mix or {}),
-        idioms_bytes=int(cfg.idioms_mb * 1e6), idioms_seed=cfg.idioms_seed,
-    )
-    splits = split_documents(corpus.documents, cfg.val_fraction)
-    sample = tokenizer_sample(cfg, splits["train"])
-    key = cache_key(cfg, corpus.documents, sampled=sample is not None)
-    folder = Path(cfg.cache_dir).expanduser().resolve() / key
-    if (folder / MANIFEST).is_file() and (problem := _damage(folder)):
+    plan = plan_units(cfg.sources, exclude=cfg.exclude, text_column=cfg.text_column)  # bad sources fail here
+    listing = listing_key(cfg, plan)
+    if is_uri(cfg.cache_dir):
+        return _build_remote(cfg, listing, start, config_yaml=config_yaml, progress=progress, warn=warn)
+    cache = Path(cfg.cache_dir).expanduser().resolve()
+    created = not cache.exists()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache):
+        index = cache / ".index" / f"{listing}.json"
+        known = _read_json(index).get("key")
+        if known and _usable(cache / known, warn):  # these very files were built before: no need to read them
+            return DataResult(Dataset.open(cache / known), reused=True, seconds=time.perf_counter() - start)
+        work = cache / f".build-{listing}"
+        if (work / "scan").is_dir() and progress:
+            _stderr(f"resuming the build in {work}")
+        try:
+            corpus, buckets, resumed = scan_corpus(
+                work, cfg.sources, exclude=cfg.exclude, text_column=cfg.text_column, mix=dict(cfg.mix or {}),
+                idioms_bytes=int(cfg.idioms_mb * 1e6), idioms_seed=cfg.idioms_seed, val_fraction=cfg.val_fraction,
+                engine=cfg.engine, progress=progress, bucket_bytes=cfg.bucket_mb * 1e6, plan=plan)
+            for name in SPLITS:
+                if not sum(b["documents"][name] for b in buckets):
+                    raise DataError(f"data.val_fraction: the {name} split is empty with "
+                                    f"{sum(sum(b['documents'].values()) for b in buckets)} documents; "
+                                    "adjust data.val_fraction or add sources")
+        except DataError:
+            shutil.rmtree(work, ignore_errors=True)  # bad input, not an interruption: nothing to resume
+            if created and {p.name for p in cache.iterdir()} <= {".lock"}:
+                shutil.rmtree(cache, ignore_errors=True)  # nor a cache folder this build made for nothing
+            raise
+        train_bytes = sum(b["bytes"]["train"] for b in buckets)
+        share = cfg.tokenizer_sample_mb * 1e6 / max(train_bytes, 1)
+        key = cache_key(cfg, _digests(work, len(buckets)), sampled=share < 1.0)
+        folder = cache / key
+        if not _usable(folder, warn):
+            _assemble(folder, work, cfg, corpus, buckets, min(share, 1.0), key, config_yaml, progress, plan, resumed)
+            reused = False
+        else:
+            reused = True
+        index.parent.mkdir(exist_ok=True)
+        write_atomic(index, json.dumps({"key": key}, indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+    return DataResult(Dataset.open(folder), reused=reused, seconds=time.perf_counter() - start)
+
+
+def _build_remote(cfg: DataConfig, listing: str, start: float, **kwargs) -> DataResult:
+    """`data.cache_dir` on object storage: a dataset this listing built is opened from there (this node
+    fetches what it reads); else it is built (or reused) in this node's cache and uploaded, its index
+    entry last, so an entry names a complete upload."""
+    mirror = _mirror(cfg.cache_dir)
+    index = f".index/{listing}.json"
+    try:
+        with mirror.fs.open_input_stream(f"{mirror.root}/{index}") as stream:
+            known = json.loads(stream.read().decode("utf-8"))["key"]
+    except (OSError, ValueError, KeyError):
+        known = None
+    if known:
+        return DataResult(Dataset.open(f"{mirror.uri}/{known}"), reused=True, seconds=time.perf_counter() - start)
+    local = build_data(dataclasses.replace(cfg, cache_dir=str(node_cache())), **kwargs)
+    key = local.dataset.folder.name
+    mirror.child(key).push(local.dataset.folder)
+    tmp = node_cache() / ".index" / f"{listing}.json"
+    mirror.fs.create_dir(f"{mirror.root}/.index", recursive=True)
+    pafs.copy_files(str(tmp), f"{mirror.root}/{index}", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=mirror.fs)
+    dataset = Dataset(folder=local.dataset.folder, manifest=local.dataset.manifest, source=f"{mirror.uri}/{key}")
+    return DataResult(dataset, reused=local.reused, seconds=time.perf_counter() - start)
+
+
+def listing_key(cfg: DataConfig, plan: Plan) -> str:
+    """Hash of the listed files (path, size, mtime) and of every setting but where the output goes and which
+    engine builds it: names the work folder a killed build resumes from, and the index entry that lets an
+    unchanged listing reuse its dataset without reading the files again."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "engine")}
+    if IDIOMS_SOURCE in cfg.sources:  # generated: its code is part of its content
+        settings["idioms_code"] = hashlib.sha256(Path(idioms.__file__).read_bytes()).hexdigest()
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, settings, tokenizers.__version__], sort_keys=True,
+                                       default=str).encode("utf-8"))
+    for path, size, mtime in plan.fingerprint:
+        digest.update(f"{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    """One build (or one node copy's fetch) at a time per folder: a second waits, then finds the first's."""
+    with open(cache / ".lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _usable(folder: Path, warn) -> bool:
+    """Whether `folder` holds an intact dataset; a damaged one is reported and moved out of the way."""
+    if not (folder / MANIFEST).is_file():
+        return False
+    if problem := _damage(folder):
         # the cache is ours and content-addressed: a damaged copy is rebuilt, byte-identical, not trusted
         warn(f"dataset {folder}: {problem}; rebuilding it")
-        trash = folder.parent / f".tmp-damaged-{key}-{uuid.uuid4().hex[:8]}"
+        trash = folder.parent / f".tmp-damaged-{folder.name}-{uuid.uuid4().hex[:8]}"
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
-    if not (folder / MANIFEST).is_file():
-        _build_into(folder, cfg, corpus, splits, sample, key, config_yaml, progress)
-        return DataResult(Dataset.open(folder), reused=False, seconds=time.perf_counter() - start)
-    return DataResult(Dataset.open(folder), reused=True, seconds=time.perf_counter() - start)
+        return False
+    return True
+
+
+def _digests(work: Path, buckets: int) -> Iterator[bytes]:
+    for bucket in range(buckets):
+        yield from read_bucket(work, bucket, ["digest"]).column("digest").to_pylist()
 
 
 def _damage(folder: Path) -> str | None:
@@ -163,8 +361,7 @@ def split_documents(documents: list[Document], val_fraction: float) -> dict[str,
     """Deterministic split by content hash: a file lands in the same split in every run."""
     splits: dict[str, list[Document]] = {"train": [], "val": []}
     for doc in documents:
-        position = int(doc.digest[:16], 16) / float(1 << 64)
-        splits["val" if position < val_fraction else "train"].append(doc)
+        splits["val" if is_val(bytes.fromhex(doc.digest), val_fraction) else "train"].append(doc)
     for name, docs in splits.items():
         if not docs:
             raise DataError(
@@ -174,22 +371,7 @@ def split_documents(documents: list[Document], val_fraction: float) -> dict[str,
     return splits
 
 
-def tokenizer_sample(cfg: DataConfig, train: list[Document]) -> tuple[list[Document], float] | None:
-    """The train documents BPE is trained on and the share drawn, or None when the split is used whole
-    (it holds no more than `data.tokenizer_sample_mb`). A document is drawn when a hash of the seed and
-    its content digest falls below share = sample bytes / split bytes: the draw depends on the corpus and
-    the seed only, and a streaming reader can make it one document at a time."""
-    total = sum(d.size for d in train)
-    share = cfg.tokenizer_sample_mb * 1e6 / max(total, 1)
-    if share >= 1.0:
-        return None
-    seed = str(cfg.tokenizer_sample_seed).encode("ascii")
-    drawn = [d for d in train
-             if int.from_bytes(hashlib.sha256(seed + bytes.fromhex(d.digest)).digest()[:8], "big") < share * 2**64]
-    return drawn, share
-
-
-def cache_key(cfg: DataConfig, documents: list[Document], *, sampled: bool = False) -> str:
+def cache_key(cfg: DataConfig, digests: Iterable[bytes], *, sampled: bool = False) -> str:
     """Hash of the documents and of every setting that changes the tokens (not where they came from). The
     tokenizer sample's settings count only where they draw a sample (`sampled`): a corpus used whole keeps
     the key it had before the sample existed."""
@@ -205,101 +387,94 @@ def cache_key(cfg: DataConfig, documents: list[Document], *, sampled: bool = Fal
     if sampled:
         settings["tokenizer_sample"] = {"mb": cfg.tokenizer_sample_mb, "seed": cfg.tokenizer_sample_seed}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8"))
-    for doc in documents:
-        digest.update(bytes.fromhex(doc.digest))
+    for raw in digests:  # the documents' sha256 digests, in digest order
+        digest.update(raw)
     return digest.hexdigest()[:20]
 
 
-def _build_into(
-    folder: Path,
-    cfg: DataConfig,
-    corpus: Corpus,
-    splits: dict[str, list[Document]],
-    sample: tuple[list[Document], float] | None,
-    key: str,
-    config_yaml: str | None,
-    progress: bool,
-) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".tmp-{key}-*"):  # a build of this key killed midway on this machine
-        pid = stale.name.split("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = folder.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        manifest = _write_dataset(staging, cfg, corpus, splits, sample, key, progress)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if config_yaml is not None:
-            (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        try:
-            os.rename(staging, folder)
-        except OSError:
-            if not (folder / MANIFEST).is_file():  # not a concurrent twin build: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_dataset(
-    staging: Path, cfg: DataConfig, corpus: Corpus, splits: dict[str, list[Document]],
-    sample: tuple[list[Document], float] | None, key: str, progress: bool
-) -> dict:
-    drawn, share = sample if sample is not None else (splits["train"], 1.0)
-    try:
-        if not drawn:
-            raise DataError("the sample drew no documents")
-        tokenizer = train_tokenizer(
-            [d.text for d in drawn], vocab_size=cfg.vocab_size, required_tokens=cfg.required_tokens, progress=progress
-        )
-    except DataError as err:
-        if sample is None:
-            raise
-        raise DataError(f"data.tokenizer_sample_mb: BPE trained on a sample of {share:.1%} of the train split "
-                        f"({cfg.tokenizer_sample_mb:g} MB): {err}; raise data.tokenizer_sample_mb") from None
-    tokenizer.save(str(staging / TOKENIZER))
-    dtype = token_dtype(cfg.vocab_size)
+def _assemble(folder: Path, work: Path, cfg: DataConfig, corpus: Corpus, buckets: list[dict], share: float,
+              key: str, config_yaml: str | None, progress: bool, plan: Plan, resumed: dict[str, int]) -> None:
+    """Stages 3 and 4: train BPE on the sample, encode every bucket, cut the shards into `work/out`, write
+    the manifest, and rename the folder into place."""
+    tokenizer, drawn = _tokenizer(work, cfg, share, len(buckets), progress)
+    eot, dtype = eot_id(tokenizer), token_dtype(cfg.vocab_size)
+    (work / "encoded").mkdir(exist_ok=True)
+    tasks = [{"work": str(work), "bucket": b, "tokenizer": str(work / TOKENIZER), "eot": eot, "dtype": dtype.name}
+             for b in range(len(buckets))]
+    encoded = run_tasks(encode_task, tasks, engine=cfg.engine, desc="encoding buckets", unit="bucket",
+                        progress=progress)
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    shutil.copyfile(work / TOKENIZER, out / TOKENIZER)
     shards, split_stats = [], {}
-    for name, docs in splits.items():
-        texts = [d.text for d in docs]
-        tokens = encode_documents(
-            tokenizer, texts, eot=eot_id(tokenizer), dtype=dtype, desc=f"encoding {name}", progress=progress
-        )
-        shards += write_shards(tokens, staging, split=name, shard_tokens=cfg.shard_tokens)
-        num_bytes = sum(d.size for d in docs)
-        split_stats[name] = {"documents": len(docs), "bytes": num_bytes, "tokens": int(len(tokens))}
-    return {
+    for name in SPLITS:
+        writer = ShardWriter(out, split=name, shard_tokens=cfg.shard_tokens, dtype=dtype)
+        for bucket in tqdm(range(len(buckets)), desc=f"writing {name} shards", unit="bucket", disable=not progress):
+            writer.add(encoded_tokens(work, bucket, name))
+        shards += writer.close()
+        split_stats[name] = {"documents": sum(b["documents"][name] for b in buckets),
+                             "bytes": sum(b["bytes"][name] for b in buckets),
+                             "tokens": sum(e["tokens"][name] for e in encoded)}
+    manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sources": list(cfg.sources),
         "exclude": list(cfg.exclude),
-        "files": {"read": corpus.files, "per_source": corpus.per_source, "skipped": dict(corpus.skipped)},
+        "files": {"read": corpus.files, "per_source": corpus.per_source,
+                  "skipped": dict(sorted(corpus.skipped.items()))},
         "bytes_per_source": corpus.bytes_per_source,
-        "documents": len(corpus.documents),
+        "documents": sum(split_stats[n]["documents"] for n in SPLITS),
         "splits": split_stats,
         "tokenizer": {
             "file": TOKENIZER,
             "sha256": tokenizer_digest(tokenizer),
             "vocab_size": tokenizer.get_vocab_size(),
-            "eot_id": eot_id(tokenizer),
+            "eot_id": eot,
             "required_tokens": {t: tokenizer.token_to_id(_byte_level(tokenizer, t)) for t in cfg.required_tokens},
-            "trained_on": {"documents": len(drawn), "bytes": sum(d.size for d in drawn),
-                           "share": share, "seed": cfg.tokenizer_sample_seed if sample is not None else None},
+            "trained_on": {"documents": drawn["documents"], "bytes": drawn["bytes"], "share": share,
+                           "seed": cfg.tokenizer_sample_seed if share < 1.0 else None},
         },
         "dtype": dtype.name,
         "shards": shards,
     }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    resumed = {**resumed, "encoded": sum(bool(e.get("resumed")) for e in encoded)}
+    build = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "engine": cfg.engine,
+             "buckets": len(buckets), "scan_units": len(plan.units), "resumed": resumed}
+    (out / BUILD).write_text(json.dumps(build, indent=2) + "\n", encoding="utf-8")
+    if config_yaml is not None:
+        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    os.rename(out, folder)
+
+
+def _tokenizer(work: Path, cfg: DataConfig, share: float, buckets: int, progress: bool) -> tuple[Tokenizer, dict]:
+    """BPE trained on the train documents the sample draws (all of them where share is 1), in digest order;
+    published in the work folder, so a resumed build encodes with the very same one."""
+    path = work / TOKENIZER
+    if (done := published(path)) is not None:
+        return Tokenizer.from_file(str(path)), done["trained_on"]
+    texts, size = [], 0
+    for bucket in range(buckets):
+        table = read_bucket(work, bucket, ["digest", "val", "size", "text"])
+        mask = [not v and (share >= 1.0 or drawn_for_tokenizer(d, share, cfg.tokenizer_sample_seed))
+                for d, v in zip(table.column("digest").to_pylist(), table.column("val").to_pylist(), strict=True)]
+        chosen = table.filter(pa.array(mask, pa.bool_()))
+        texts += chosen.column("text").to_pylist()
+        size += sum(chosen.column("size").to_pylist())
+    try:
+        if not texts:
+            raise DataError("the sample drew no documents")
+        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, required_tokens=cfg.required_tokens,
+                                    progress=progress)
+    except DataError as err:
+        if share >= 1.0:
+            raise
+        raise DataError(f"data.tokenizer_sample_mb: BPE trained on a sample of {share:.1%} of the train split "
+                        f"({cfg.tokenizer_sample_mb:g} MB): {err}; raise data.tokenizer_sample_mb") from None
+    drawn = {"documents": len(texts), "bytes": size}
+    publish(path, lambda tmp: tokenizer.save(str(tmp)), {"trained_on": drawn})
+    return tokenizer, drawn
 
 
 def _byte_level(tokenizer: Tokenizer, text: str) -> str:

@@ -39,9 +39,9 @@ class TokenLoader:
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         entries = self.dataset.shards(split)
         if verify:
-            for entry in entries:
-                verify_shard(self.dataset.folder / entry["file"], entry["sha256"])
-        self._shards = [map_shard(self.dataset.folder / e["file"]) for e in entries]
+            for entry in entries:  # a node copy fetches the split's shards here, once per node
+                verify_shard(self.dataset.shard_path(entry), entry["sha256"])
+        self._shards = [map_shard(self.dataset.shard_path(e)) for e in entries]
         counts = np.array([max(len(s) - 1, 0) // context_length for s in self._shards], dtype=np.int64)
         self._window_offsets = np.concatenate([[0], np.cumsum(counts)])
         self.num_windows = int(self._window_offsets[-1])

@@ -41,17 +41,39 @@ def encode_documents(
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
 
 
-def write_shards(tokens: np.ndarray, folder: Path, *, split: str, shard_tokens: int) -> list[dict]:
-    """Cut `tokens` into shards of at most `shard_tokens`; returns their manifest entries."""
-    entries = []
-    for index, start in enumerate(range(0, len(tokens), shard_tokens)):
-        name = f"{split}-{index:05d}.arrow"
-        part = tokens[start : start + shard_tokens]
+class ShardWriter:
+    """Cuts a stream of token arrays into shards of `shard_tokens` (the last one shorter), written as the
+    tokens arrive: memory holds one shard. `close()` returns their manifest entries."""
+
+    def __init__(self, folder: Path, *, split: str, shard_tokens: int, dtype: np.dtype) -> None:
+        self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
+        self.pending: list[np.ndarray] = []
+        self.filled = 0
+        self.entries: list[dict] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            take = min(self.shard_tokens - self.filled, len(tokens))
+            self.pending.append(tokens[:take])
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == self.shard_tokens:
+                self._write()
+
+    def close(self) -> list[dict]:
+        if self.filled:
+            self._write()
+        return self.entries
+
+    def _write(self) -> None:
+        name = f"{self.split}-{len(self.entries):05d}.arrow"
+        part = np.concatenate(self.pending).astype(self.dtype, copy=False)
         table = pa.table({TOKEN_COLUMN: pa.array(part)})
-        with pa.OSFile(str(folder / name), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        with pa.OSFile(str(self.folder / name), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=len(part))
-        entries.append({"file": name, "split": split, "tokens": int(len(part)), "sha256": file_sha256(folder / name)})
-    return entries
+        self.entries.append({"file": name, "split": self.split, "tokens": int(len(part)),
+                             "sha256": file_sha256(self.folder / name)})
+        self.pending, self.filled = [], 0
 
 
 def map_shard(path: Path) -> np.ndarray:

@@ -105,7 +105,7 @@ def run_trial(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = Tr
     if finished(run_dir, cfg):
         return TrialResult.read(run_dir, reused=True)
     dataset = build_data(cfg.data, config_yaml=config_to_yaml(cfg), progress=progress).dataset
-    rank = functools.partial(trial_rank, cfg, device=device, progress=progress, prune=prune, data=dataset.folder)
+    rank = functools.partial(trial_rank, cfg, device=device, progress=progress, prune=prune, data=dataset.location)
     if cfg.trial.workers == 1:
         rank(log=log)
     else:
@@ -117,7 +117,7 @@ def run_trial(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = Tr
 
 
 def trial_rank(cfg: ExperimentConfig, *, device: str = "cpu", progress: bool = False, prune: bool = True,
-               data: Path | None = None, log: Callable[[str], None] = print,
+               data: str | Path | None = None, log: Callable[[str], None] = print,
                on_checkpoint: Callable[[], object] | None = None) -> dict[str, float] | None:
     """One rank of the trial (RANK / WORLD_SIZE from the launcher, or a world of one). Every rank trains;
     rank 0 owns the MLflow run and its status, exports, scores the tasks, prunes (with `prune`) and writes
@@ -246,4 +246,4 @@ def silent(message: str) -> None:
 def train_sample(dataset: Dataset, max_tokens: int = 1 << 22) -> torch.Tensor:
     """Training tokens for the counts of a fixed bigram table."""
     first = dataset.shards("train")[0]
-    return torch.from_numpy(map_shard(dataset.folder / first["file"])[:max_tokens].astype("int64"))
+    return torch.from_numpy(map_shard(dataset.shard_path(first))[:max_tokens].astype("int64"))

@@ -13,7 +13,9 @@ and expanded exactly as `circuitscale study` does (sweeps/spec.py).
 - T: train.steps x the trainer's tokens per step (pipeline/train.py: batch_size x grad_accum x context x
   workers; train.batch_size is per worker, so the global batch grows with the workers).
 - The LR search (sweeps/lr_search.py) trains every point at several rates first; its runs are priced
-  here too, rung by rung, as if no candidate failed. Pruning, evaluation and data preparation are not.
+  here too, rung by rung, as if no candidate failed. Pruning and evaluation are not.
+- Data preparation (CPU, once per corpus): hours per TB of text at the study's CPUs, extrapolated from the
+  build's measured throughput per core (`DATA_MB_PER_S_PER_CORE`).
 - Memory per rank: an estimate, stated by pipeline/cost.py's `memory_per_rank` and `activation_bytes`
   (the model-level counts live there: this folder imports no `model` or `kernels`).
 - GPU-hours: FLOPs / (peak x MFU). The MFU is an assumption unless `--mfu` states a measured one
@@ -232,6 +234,20 @@ def pack_nodes(gpus: list[int], per_node: int = GPUS_PER_NODE) -> int:
     return whole + len(free)
 
 
+# benchmarks/data_build.py on a 2-core CPU (2026-12-03): 338.4 MB of Python (the stdlib and a virtualenv's
+# site-packages, 119M tokens) built in 200.2 s with data.engine=ray (181.1 s local): 0.85 MB/s per core end to end.
+DATA_MB_PER_S_PER_CORE = 0.85
+
+
+def data_cpus(study: StudyConfig) -> int:
+    """The CPUs the study's cluster holds while it trains: what a `data.engine=ray` build can spread over."""
+    return int(study.max_concurrent_trials * study.workers * study.cpus_per_worker)
+
+
+def data_hours_per_tb(study: StudyConfig) -> float:
+    return 1e6 / (DATA_MB_PER_S_PER_CORE * data_cpus(study)) / 3600
+
+
 def summary(plan: Plan) -> dict:
     """The JSON line's figures for the whole sweep (trials and LR search)."""
     runs = [*plan.trials, *plan.lr_search]
@@ -250,6 +266,7 @@ def summary(plan: Plan) -> dict:
         "max_memory_per_rank_gb": round(max(t.memory.total for t in plan.trials) / 1e9, 2),
         "gpus_per_trial": plan.study.workers,
         "right_sized_gpus": sum(fits), "right_sized_nodes": pack_nodes(fits),
+        "data_cpus": data_cpus(plan.study), "data_hours_per_tb": round(data_hours_per_tb(plan.study), 2),
     }
 
 
@@ -308,8 +325,13 @@ def _totals(plan: Plan) -> list[str]:
         f"{largest.spec.name.split('-', 1)[0]}, d_model {largest.spec.config.model.d_model}); an estimate, against "
         f"{HEADROOM:.0%} of the card's {plan.gpu.memory_bytes / 1e9:g} GB",
         *_packing(plan),
-        "  not counted: pruning (tasks x prune.search_runs mask trainings per trial), evaluation, data preparation, "
-        "idle nodes",
+        f"  data preparation (CPU, once per corpus; not in the GPU-hours): about "
+        f"{data_hours_per_tb(study):.1f} h per TB of text on the study's {data_cpus(study)} CPUs "
+        f"(max_concurrent_trials x workers x cpus_per_worker), extrapolated from "
+        f"{DATA_MB_PER_S_PER_CORE} MB/s per core measured on a 2-core CPU (benchmarks/data_build.py): "
+        "the scan, dedup and encode tasks spread over the CPUs, the listing, the BPE sample and the shard "
+        "writing run on the driver",
+        "  not counted: pruning (tasks x prune.search_runs mask trainings per trial), evaluation, idle nodes",
     ]
     if study.gpus_per_worker != 1:
         lines.append(f"  note: the study asks {study.gpus_per_worker:g} GPUs per worker; priced as one GPU per worker")

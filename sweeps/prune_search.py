@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from infra.storage import is_uri
 from pipeline.circuits import load_for_pruning
 from pipeline.config import ExperimentConfig
 from pipeline.data import Dataset
@@ -25,7 +26,7 @@ from pipeline.prune import prune_task
 from pipeline.records import CircuitRecord
 from pipeline.tasks import TASKS, encode_task
 from pipeline.tokenizer import eot_id
-from sweeps.study import init_ray
+from sweeps.ray_session import init_ray
 
 SEARCHED = ("k_coef", "lr", "temperature", "weight_decay")
 RECORD = "circuit.json"
@@ -85,7 +86,7 @@ def search_prune(run_dir: Path, cfg: ExperimentConfig, task: str, budget: int, *
     device = search_device(device)
     centres = {key: getattr(cfg.prune, key) for key in SEARCHED}
     space = search_space(cfg) | {"cfg": cfg, "run_dir": str(run_dir.resolve()), "task": task,
-                                 "data": str(Path(data).resolve()), "device": device}
+                                 "data": data if is_uri(str(data)) else str(Path(data).resolve()), "device": device}
     tuner = tune.Tuner(
         tune.with_resources(_trial, trial_resources(device)),
         param_space=space,

@@ -55,7 +55,9 @@ from pipeline.data import MANIFEST, build_data
 from pipeline.errors import UserError
 from pipeline.records import LR_SEARCH_FILE, TRIAL_FILE
 from pipeline.trial import finished, finished_metrics, trial_rank
+from sweeps import data_engine  # noqa: F401  (registers data.engine=ray)
 from sweeps.lr_search import search_lrs
+from sweeps.ray_session import init_ray
 from sweeps.spec import StudyConfig, TrialSpec, load_study
 
 PLACEMENT = "placement.json"  # in each trial folder: the Ray node its rank 0 ran on
@@ -128,8 +130,8 @@ def _worker_loop(config: dict) -> None:
         (folder / PLACEMENT).write_text(json.dumps({"node_id": context.get_node_id(),
                                                     "node_ip": ray.util.get_node_ip_address()}))
     push = functools.partial(mirror.push, folder) if mirror is not None and lead else None
-    data = Path(config["data"])  # built once by the driver: this rank only opens its manifest
-    if not (data / MANIFEST).is_file():
+    data = config["data"]  # built once by the driver: this rank only opens its manifest (a URI: fetches it)
+    if not is_uri(data) and not (Path(data) / MANIFEST).is_file():
         raise UserError(f"the study's dataset {data} is not on node {ray.util.get_node_ip_address()}: "
                         "data.cache_dir must be on storage every node mounts (docs/cluster.md, shared storage)")
     try:
@@ -266,14 +268,16 @@ def _data_key(data) -> str:
 def _with_built_data(configs: dict[str, ExperimentConfig], verbose: int
                      ) -> tuple[dict[str, ExperimentConfig], dict[str, str]]:
     """Build each distinct dataset once, here on the driver, into `data.cache_dir` made absolute (so every
-    rank on every node names the same folder: on a cluster, storage every node mounts). Returns the
-    configs with that absolute cache_dir, and the built folder per data config (`_data_key`): the trials'
-    ranks only open its manifest, never the corpus."""
+    rank on every node names the same folder: on a cluster, storage every node mounts; or a URI, which each
+    node fetches from into its own cache). Returns the configs with that cache_dir, and the built dataset's
+    location per data config (`_data_key`): the trials' ranks only open its manifest, never the corpus."""
     out, datasets = {}, {}
     for name, cfg in configs.items():
-        data = dataclasses.replace(cfg.data, cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()))
+        cache = cfg.data.cache_dir
+        cache = cache if is_uri(cache) else str(Path(cache).expanduser().resolve())
+        data = dataclasses.replace(cfg.data, cache_dir=cache)
         if _data_key(data) not in datasets:
-            datasets[_data_key(data)] = str(build_data(data, progress=verbose > 0).dataset.folder)
+            datasets[_data_key(data)] = build_data(data, progress=verbose > 0).dataset.location
         out[name] = dataclasses.replace(cfg, data=data)
     return out, datasets
 
@@ -308,14 +312,6 @@ def _ray_storage(study: StudyConfig, folder: Path, part: str) -> str:
     return str(folder / part)
 
 
-def init_ray(verbose: int = 1) -> None:
-    """Join RAY_ADDRESS's cluster (set by `ray job submit`; `RAY_ADDRESS=auto` joins a `ray start` cluster on
-    this machine), else start a fresh local Ray (no dashboard); never a stale cluster a `ray start` left."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 log_to_driver=verbose > 1, configure_logging=verbose > 1)
-
-
 def _fit(study: StudyConfig, configs: dict, datasets: dict[str, str], folder: Path, verbose: int, *, name: str,
          prune: bool) -> tuple[dict, dict]:
     """One Ray Tune grid (experiment `name` under <study>/ray/) over the trials of `configs` that have no
@@ -325,7 +321,6 @@ def _fit(study: StudyConfig, configs: dict, datasets: dict[str, str], folder: Pa
     pending = [n for n in configs if n not in results]
     if not pending:
         return results, {}
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     init_ray(verbose)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, configs=configs, datasets=datasets, study=study, folder=str(folder),

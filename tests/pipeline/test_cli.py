@@ -27,7 +27,7 @@ def test_data_verb_builds_then_reuses_and_saves_its_config(tmp_path, capsys):
     assert main(data_args(corpus, tmp_path / "cache")) == 0
     second = capsys.readouterr().out
     assert second.startswith("reused cached dataset")
-    (folder,) = [p for p in (tmp_path / "cache").iterdir()]
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]  # .index, .lock
     assert str(folder) in second
     saved = resolve_config(folder / "config.yaml")
     assert saved.data.vocab_size == 400 and saved.data.sources == [str(corpus)]

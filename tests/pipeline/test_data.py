@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from pipeline import data as data_stage
+from pipeline.build import collect_documents
 from pipeline.config import resolve_config
-from pipeline.corpus import collect_documents
 from pipeline.data import Dataset, build_data, split_documents
 from pipeline.errors import DataError
 from tests.conftest import copy_packages, small_config
@@ -127,34 +127,181 @@ def test_bad_sources_fail_before_writing(case, tmp_path):
     assert not cache.exists() or not any(cache.iterdir())
 
 
-def test_interrupted_build_leaves_nothing(small_corpus, tmp_path, monkeypatch):
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "build.json"}
+
+
+def test_an_interrupted_build_resumes_from_its_finished_stages(small_corpus, tmp_path, monkeypatch):
+    """Ctrl-C while encoding: the work folder keeps the scanned units and deduplicated buckets, the next
+    build says it resumed them, writes the same bytes as an uninterrupted build, and clears the folder."""
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_stage, "write_shards", boom)
-    cfg = small_config(small_corpus, tmp_path / "cache")
+    clean = build_data(small_config(small_corpus, tmp_path / "clean").data, progress=False).dataset
+    cfg = small_config(small_corpus, tmp_path / "cache", "data.bucket_mb=0.2")
+    monkeypatch.setattr(data_stage, "encode_task", boom)
     with pytest.raises(KeyboardInterrupt):
         build_data(cfg.data, progress=False)
-    assert list((tmp_path / "cache").iterdir()) == []
+    work = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".build-")]
+    assert len(work) == 1 and list((work[0] / "buckets").glob("*.arrow.json"))
+    monkeypatch.undo()
+    again = build_data(cfg.data, progress=False).dataset
+    record = json.loads((again.folder / "build.json").read_text())
+    assert record["buckets"] > 1 and record["resumed"] == {"scan": record["scan_units"], "buckets": record["buckets"],
+                                                           "encoded": 0}
+    assert again.folder.name == clean.folder.name and _files(again.folder) == _files(clean.folder)
+    assert not work[0].exists()
 
 
-def test_a_build_killed_midway_leaves_a_staging_folder_the_next_build_clears(small_corpus, tmp_path):
-    """SIGKILL runs no cleanup: the dead build's staging folder (its pid in the name) goes with the next
-    build of the same key; a live build's is left alone."""
+def test_an_unchanged_listing_is_reused_without_reading_the_files(small_corpus, tmp_path, monkeypatch):
+    """The second build lists the sources (names, sizes, times) and finds the dataset this very listing
+    built; a touched file is read again, and the same documents still name the same dataset."""
+    corpus = tmp_path / "src"
+    shutil.copytree(small_corpus, corpus)
+    cfg = small_config(corpus, tmp_path / "cache")
+    first = build_data(cfg.data, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read the corpus again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data_stage, "scan_corpus", refuse)
+        assert build_data(cfg.data, progress=False).reused
+    os.utime(next(corpus.rglob("*.py")), (time.time() + 60, time.time() + 60))
+    with monkeypatch.context() as patch:
+        patch.setattr(data_stage, "scan_corpus", refuse)
+        with pytest.raises(AssertionError, match="read the corpus again"):
+            build_data(cfg.data, progress=False)
+    touched = build_data(cfg.data, progress=False)
+    assert touched.reused and touched.dataset.folder == first.dataset.folder
+
+
+@pytest.fixture(scope="module")
+def many_files(small_corpus, tmp_path_factory):
+    """A corpus of a few thousand files: 3000 generated programs one per file, the small corpus, a Parquet
+    dataset repeating some of them, and the unusable files of every kind; with the dataset one local build
+    made of it (the reference the engines, bucket counts and resumed builds must match byte for byte)."""
+    from pipeline.idioms import generate
+
+    root = tmp_path_factory.mktemp("many")
+    shutil.copytree(small_corpus, root / "src" / "lib")
+    programs = [t for _, t in zip(range(3000), generate(7, 10**9), strict=False)]
+    for i, text in enumerate(programs):
+        folder = root / "src" / f"gen{i // 500}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"p{i:04d}.py").write_text(text, encoding="utf-8")
+    (root / "src" / "binary.py").write_bytes(b"x = 1\x00\x01")
+    (root / "src" / "latin1.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
+    (root / "src" / "empty.py").write_text("\n")
+    pq.write_table(pa.table({"content": programs[:200] + ["x = 2\n", "", None]}), root / "src" / "rows.parquet",
+                   row_group_size=50)
+    extra = ["data.text_column=content", "data.shard_tokens=50000"]
+    reference = build_data(small_config(root / "src", root / "reference", *extra).data, progress=False).dataset
+    return root / "src", extra, reference
+
+
+@pytest.mark.slow
+def test_engines_and_bucket_counts_write_identical_datasets(many_files, tmp_path):
+    """`data.engine=local` and `data.engine=ray` (Ray Data tasks on a local Ray) and any bucket size give
+    the same folder name, manifest, tokenizer and shards."""
+    import ray
+
+    import sweeps.data_engine  # noqa: F401  (what `circuitscale data` imports for engine=ray)
+
+    source, extra, reference = many_files
+    m = reference.manifest
+    assert m["files"]["read"] > 3000 and len(reference.shards("train")) > 1
+    empty = sum(not p.read_text().strip() for p in (source / "lib").rglob("*.py"))  # e.g. a bare __init__.py
+    assert m["files"]["skipped"] == {"binary": 1, "duplicate": 200, "empty": 3 + empty, "not_utf8": 1}
+    for engine, bucket_mb in (("local", 0.05), ("ray", 0.1)):
+        cfg = small_config(source, tmp_path / engine, *extra, f"data.engine={engine}", f"data.bucket_mb={bucket_mb}")
+        try:
+            built = build_data(cfg.data, progress=False).dataset
+        finally:
+            ray.shutdown()  # the next test that needs Ray starts its own
+        record = json.loads((built.folder / "build.json").read_text())
+        assert record["engine"] == engine and record["buckets"] > 10, record
+        assert built.folder.name == reference.folder.name and _files(built.folder) == _files(reference.folder), engine
+
+
+@pytest.mark.slow
+def test_a_build_killed_midway_resumes_from_its_checksummed_files(many_files, tmp_path):
+    """SIGKILL runs no cleanup: the next build finds the killed one's scanned units and deduplicated buckets
+    (each checked against its sidecar's sha256), does only the rest, and writes the same dataset."""
+    import signal
     import subprocess
     import sys
 
-    cfg = small_config(small_corpus, tmp_path / "cache")
-    key = build_data(cfg.data, progress=False).dataset.folder.name
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / "cache" / f".tmp-{key}-{dead.stdout.strip()}-deadbeef"
-    live = tmp_path / "cache" / f".tmp-{key}-{os.getpid()}-cafef00d"
-    for folder in (stale, live):
-        folder.mkdir()
-        (folder / "tokenizer.json").write_text("{")
-    shutil.rmtree(tmp_path / "cache" / key)
-    build_data(cfg.data, progress=False)
-    assert not stale.exists() and live.exists()
+    source, extra, reference = many_files
+    cache = tmp_path / "cache"
+    args = [f"data.sources=[{source}]", f"data.cache_dir={cache}", "data.vocab_size=512", "data.val_fraction=0.2",
+            "data.bucket_mb=0.02", *extra]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "data", "--no-progress", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(cache.glob(".build-*/buckets/*.arrow.json"))) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    work = list(cache.glob(".build-*"))
+    assert len(work) == 1 and not list(cache.glob("*/manifest.json"))
+    units = len(list(work[0].glob("scan/*.arrow.json")))
+    buckets = len(list(work[0].glob("buckets/*.arrow.json")))
+    (work[0] / "buckets" / "bucket-00000.arrow").write_bytes(b"half-written")  # a damaged file is redone
+    resumed = build_data(small_config(source, cache, *args).data, progress=False).dataset
+    record = json.loads((resumed.folder / "build.json").read_text())
+    assert record["resumed"]["scan"] == units == record["scan_units"]
+    assert record["resumed"]["buckets"] == buckets - 1 and buckets - 1 < record["buckets"]
+    assert resumed.folder.name == reference.folder.name and _files(resumed.folder) == _files(reference.folder)
+    assert not work[0].exists()
+
+
+def test_a_cache_on_object_storage_is_built_once_and_fetched_by_each_node(small_corpus, tmp_path, monkeypatch):
+    """data.cache_dir as a URI (file:// goes the way s3:// does): the first build happens in the node's cache
+    and is uploaded; another node reuses it without reading the sources, fetches the manifest and tokenizer
+    at open and the shards its loader reads, each checked; a corrupt upload is named, not trained on."""
+    from pipeline.loader import TokenLoader
+
+    remote = f"file://{tmp_path / 'bucket' / 'data'}"
+    monkeypatch.setenv(data_stage.NODE_CACHE_ENV, str(tmp_path / "node1"))
+    cfg = small_config(small_corpus, remote, "data.shard_tokens=20000").data
+    first = build_data(cfg, progress=False)
+    key = first.dataset.folder.name
+    uploaded = tmp_path / "bucket" / "data" / key
+    assert not first.reused and first.dataset.location == f"{remote}/{key}"
+    assert _files(uploaded) == _files(first.dataset.folder)
+    assert list((tmp_path / "bucket" / "data" / ".index").iterdir())
+
+    monkeypatch.setenv(data_stage.NODE_CACHE_ENV, str(tmp_path / "node2"))
+    with monkeypatch.context() as patch:
+        patch.setattr(data_stage, "scan_corpus", lambda *a, **k: pytest.fail("read the corpus again"))
+        again = build_data(cfg, progress=False)
+    assert again.reused and again.dataset.folder == tmp_path / "node2" / key
+    assert sorted(p.name for p in again.dataset.folder.iterdir()) == ["manifest.json", "tokenizer.json"]
+    loader = TokenLoader(Dataset.open(again.dataset.location), split="val", batch_size=2, context_length=16)
+    assert loader.batch(0).shape == (2, 17)
+    fetched = sorted(p.name for p in again.dataset.folder.glob("*.arrow"))
+    assert fetched == [e["file"] for e in again.dataset.shards("val")]  # the train shards stay remote
+    assert all((again.dataset.folder / n).read_bytes() == (uploaded / n).read_bytes() for n in fetched)
+
+    train = again.dataset.shards("train")[0]["file"]
+    raw = bytearray((uploaded / train).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (uploaded / train).write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=f"shard {remote}/{key}/{train} is corrupt"):
+        TokenLoader(again.dataset, split="train", batch_size=2, context_length=16)
+    assert not (again.dataset.folder / train).exists()
+    with pytest.raises(ValueError, match="data.engine=ray"):
+        small_config(small_corpus, remote, "data.engine=ray")
+
+
+def test_data_engine_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="data.engine: must be one of local, ray"):
+        small_config(tmp_path, tmp_path, "data.engine=spark")
+    with pytest.raises(ValueError, match="data.bucket_mb"):
+        small_config(tmp_path, tmp_path, "data.bucket_mb=0")
 
 
 def test_dataset_open_rejects_other_folders(tmp_path):
@@ -191,7 +338,8 @@ def test_bpe_is_trained_on_a_seeded_sample_of_the_train_split(tmp_path):
     assert trained["documents"] == whole.manifest["splits"]["train"]["documents"] > 1000
     documents = collect_documents(["idioms"], exclude=[], text_column="text", progress=False,
                                   idioms_bytes=600_000).documents
-    assert whole.manifest["key"] == data_stage.cache_key(config("whole"), documents)  # the key it always had
+    digests = (bytes.fromhex(d.digest) for d in documents)
+    assert whole.manifest["key"] == data_stage.cache_key(config("whole"), digests)  # the key it always had
 
     sampled = [build_data(config(name, "data.tokenizer_sample_mb=0.15"), progress=False).dataset for name in "ab"]
     drawn = sampled[0].manifest["tokenizer"]["trained_on"]

@@ -86,7 +86,7 @@ def test_idioms_source_mixes_by_bytes(small_corpus, tmp_path):
 
 
 def test_mix_trims_real_sources_to_their_share(small_corpus, tmp_path):
-    from pipeline.corpus import collect_documents
+    from pipeline.build import collect_documents
 
     full = collect_documents([str(small_corpus)], exclude=[], text_column="text", progress=False)
     mixed = collect_documents([str(small_corpus), "idioms"], exclude=[], text_column="text", progress=False,

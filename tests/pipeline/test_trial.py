@@ -106,7 +106,7 @@ def test_a_rank_given_the_built_dataset_never_reads_the_corpus(dataset_cache, tm
     def refuse(*args, **kwargs):
         raise AssertionError("a rank read the corpus")
 
-    monkeypatch.setattr(pipeline.data, "collect_documents", refuse)
+    monkeypatch.setattr(pipeline.data, "scan_corpus", refuse)
     final = trial_rank(cfg, data=folder, prune=False, log=lambda _: None)
     assert math.isfinite(final["val_loss"])
 

@@ -161,3 +161,7 @@ def test_paper_study_plan(capsys):
     assert figures["gpu_hours"] == pytest.approx(figures["flops"] / (989e12 * figures["mfu"]) / 3600, abs=0.01)
     # an ef 1 model does not need a whole node
     assert figures["right_sized_gpus"] < 56 * 8 and figures["right_sized_nodes"] < 56
+    # the corpus build, once: a TB at the measured MB/s per core on 4 trials x 8 workers x 4 CPUs
+    assert figures["data_cpus"] == 128
+    assert figures["data_hours_per_tb"] == pytest.approx(1e6 / (0.85 * 128) / 3600, abs=0.01)
+    assert any(line.startswith("  data preparation") and "h per TB" in line for line in lines)
