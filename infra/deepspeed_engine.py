@@ -20,6 +20,14 @@ version range in pyproject.toml pins them, tests/infra/test_deepspeed_internals.
   same reason.
 Everything else is public: `deepspeed.initialize`, `engine.backward/step`, `deepspeed.utils.safe_*`,
 `deepspeed.zero.GatheredParameters`.
+
+`sparsity.compute=sparse` (ZeRO 1 and 2, fp32): the matrices the sparse step will take are split off the
+optimizer before DeepSpeed sees it (`SparseAdam.split_sparse_compute`), so ZeRO never flattens them into
+dense partitions with dense Adam state. They stay ordinary module parameters, replicated like every
+parameter under ZeRO 1-2; this engine averages their gradients over the ranks itself (the dense gradient
+on exact and regrow steps, the active entries' otherwise: one collective per step), and the split-off
+optimizer updates and projects them in place with Adam state on their active entries, normalized by the
+one gradient RMS over both parts. Their state is saved and loaded as the plain-torch engine does it.
 """
 
 import math
@@ -28,7 +36,7 @@ import time
 import torch
 from torch import nn
 
-from infra.distributed import accelerator_env, all_reduce_mean, init_process_group
+from infra.distributed import accelerator_env, all_reduce_mean, all_reduce_mean_, init_process_group
 from infra.engine_base import DeepSpeedConfig, LossFn, load_masks, mask_tensors
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -67,6 +75,14 @@ class DeepSpeedEngine:
 
         self.rank, self.world_size = init_process_group(cfg.backend)
         self.stage, self.sparse, self.attach_masks = cfg.zero_stage, optimizer, attach_masks
+        # sparsity.compute=sparse: the matrices the sparse step takes, kept out of ZeRO (module docstring)
+        self.side = optimizer.split_sparse_compute() if hasattr(optimizer, "split_sparse_compute") else None
+        if self.side is not None and (cfg.zero_stage not in (1, 2) or cfg.precision != "fp32"):
+            raise ValueError(
+                f"sparsity.compute: sparse runs under DeepSpeed ZeRO 1 or 2 in fp32 (got zero_stage "
+                f"{cfg.zero_stage}, {cfg.precision}): stage 0 would average the active matrices' gradients "
+                "a second time, stage 3 shards their weights, and bf16 leaves them without an fp32 master copy")
+        self._side_grads: tuple[float, int] = (0.0, 0)  # the split-off part's gradient (sum of squares, count)
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": grad_accum,
@@ -83,7 +99,14 @@ class DeepSpeedEngine:
             # ZeRO steps the optimizer one parameter group at a time, after computing the global
             # gradient norm over all groups and ranks: normalize every group by that one RMS.
             zero = self.engine.optimizer
-            optimizer.use_global_rms(lambda: _global_grad_norm(zero) / math.sqrt(optimizer.numel))
+
+            def global_rms() -> float:  # over ZeRO's groups on every rank and the split-off part
+                sumsq, count = self._side_grads
+                return math.sqrt((_global_grad_norm(zero) ** 2 + sumsq) / (optimizer.numel + count))
+
+            optimizer.use_global_rms(global_rms)
+            if self.side is not None:
+                self.side.use_global_rms(global_rms)
             # ZeRO links its state views after the first group's step, so create and link them now, or a
             # resume before the first step could not restore the Adam moments
             optimizer.init_state(_fp32_partitions(zero) if self.stage == 3 else None)
@@ -92,6 +115,8 @@ class DeepSpeedEngine:
         self._utils = deepspeed.utils
 
     def forward_backward(self, micro_batches: list[torch.Tensor], loss_fn: LossFn) -> float:
+        if self.side is not None:
+            self.side.zero_grad(set_to_none=True)  # ZeRO clears only its own groups' gradients
         total = 0.0
         for i, batch in enumerate(micro_batches):
             loss = loss_fn(self.engine, batch)
@@ -103,14 +128,38 @@ class DeepSpeedEngine:
 
     def step(self, lr: float, densities: dict[str, float]) -> dict[str, float]:
         self.sparse.schedule(lr, densities)
+        if self.side is not None:
+            self.side.schedule(lr, densities)
+            self._reduce_side_gradients()
         self.engine.step()
         timings = dict(self.sparse.timings)
         if self.stage >= 1:
             start = time.perf_counter()
             self._project(lr)
             timings["project_s"] = time.perf_counter() - start  # with its gathers
-        self.attach_masks(self.sparse.masks)
+        masks = self.sparse.masks
+        if self.side is not None:
+            self.side.step()
+            for key, seconds in self.side.timings.items():
+                timings[key] = timings.get(key, 0.0) + seconds
+            masks = {**masks, **self.side.masks}
+        self.attach_masks(masks)
         return {"grad_rms": self.sparse.grad_rms, **timings}
+
+    @torch.no_grad()
+    def _reduce_side_gradients(self) -> None:
+        """Average the split-off matrices' gradients over the ranks before their optimizer reads them: the
+        dense gradients (exact and regrow steps; a regrow picks its candidates from them, identically on
+        every rank) and the active entries' gradients, in one collective; then record their size for the
+        global RMS. Every rank holds the same active sets, so the tensors line up."""
+        side = self.side
+        dense = [p.grad for g in side.param_groups for p in g["params"] if p.grad is not None]
+        active = [spec.module.active.grad for spec in side.specs.values()
+                  if spec.module.active is not None and spec.module.active.grad is not None]
+        all_reduce_mean_(dense + active)
+        grads = side.gradients()
+        sumsq = sum(float((g.double() ** 2).sum()) for g in grads)
+        self._side_grads = (sumsq, sum(g.numel() for g in grads))
 
     @torch.no_grad()
     def _project(self, lr: float) -> None:
@@ -133,6 +182,11 @@ class DeepSpeedEngine:
         tensors: dict[str, torch.Tensor] = {}
         step = self._step_count()
         for name, p in self.names:
+            if self.side is not None and p in self.side.specs:  # split off: replicated, not sharded
+                if keep:
+                    tensors[f"model/{name}"] = p.detach().clone()
+                    tensors.update({f"optim/{name}/{k}": v.clone() for k, v in self.side.state.get(p, {}).items()})
+                continue
             if self.stage == 0:
                 tensors[f"model/{name}"] = p.detach().clone()
                 state = self.sparse.state.get(p, {})
@@ -162,6 +216,12 @@ class DeepSpeedEngine:
         self.sparse.init_state()  # in place: ZeRO holds views of these tensors
         for name, p in self.names:
             value = tensors[f"model/{name}"]
+            if self.side is not None and p in self.side.specs:  # split off: as the plain-torch engine loads it
+                p.data.copy_(value.to(device=p.device, dtype=p.dtype))
+                prefix = f"optim/{name}/"
+                self.side.state[p] = {k[len(prefix):]: v if k.endswith("/step") else v.to(p.device)
+                                      for k, v in tensors.items() if k.startswith(prefix)}
+                continue
             self._set_weight(p, value)
             for key in _MOMENTS:
                 if f"optim/{name}/{key}" not in tensors:
@@ -180,6 +240,8 @@ class DeepSpeedEngine:
         if buffers:
             self.module.load_state_dict(buffers, strict=False)
         load_masks(self.module, tensors, next(self.module.parameters()).device)
+        if self.side is not None:
+            self.side.sync_modules()  # the active sets follow the loaded state
         torch.set_rng_state(tensors["rng/torch"])
 
     def _step_count(self) -> int:

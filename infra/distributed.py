@@ -67,6 +67,20 @@ def all_reduce_mean(value: float) -> float:
     return float(tensor.cpu()) / dist.get_world_size()
 
 
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks, in place, in one collective over a flat buffer
+    (every rank calls it with tensors of the same shapes in the same order)."""
+    if not tensors or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(collective_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def spawn(fn: Callable[..., None], workers: int, *args) -> None:
     """Run `fn(*args)` in `workers` local processes joined in one group (ranks 0..workers-1).
 

@@ -106,10 +106,11 @@ class SparseAdam(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], specs: dict[torch.Tensor, SparseSpec], *, betas: tuple[float, float],
                  weight_decay: float, floor: int, kernels, grad_rms: str = "rescale", compute: str = "exact",
-                 regrow_every: int = 100, candidates: float = 1.0) -> None:
+                 regrow_every: int = 100, candidates: float = 1.0, targets: dict[str, float] | None = None) -> None:
         super().__init__(groups, {"lr": 1e-3, "betas": betas, "eps": 1e-8})
         self.specs, self.weight_decay, self.floor, self.kernels = specs, weight_decay, floor, kernels
         self.compute, self.regrow_every, self.candidates = compute, regrow_every, candidates
+        self.targets = dict(targets or {})  # the densities the anneal ends at, per group (None: unknown)
         self.grad_rms_mode = grad_rms
         self.numel = sum(p.numel() for g in self.param_groups for p in g["params"])
         self._global_rms: Callable[[], float] | None = None
@@ -117,6 +118,7 @@ class SparseAdam(torch.optim.Optimizer):
         self.masks: dict[torch.Tensor, torch.Tensor] = {}
         self.grad_rms = float("nan")
         self.timings: dict[str, float] = {}  # seconds of the last step: adam_s, project_s
+        self._pending: tuple[list[torch.Tensor], dict[torch.Tensor, torch.Tensor]] | None = None
 
     def schedule(self, lr: float, densities: dict[str, float]) -> None:
         """This step's learning rate (every group) and target density per tensor group."""
@@ -130,11 +132,24 @@ class SparseAdam(torch.optim.Optimizer):
         self._global_rms = rms
 
     @torch.no_grad()
+    def gradients(self) -> list[torch.Tensor]:
+        """This step's gradients: the dense ones, then each sparse-compute matrix's over its active set
+        (choosing a new active set where a dense gradient arrived: `_active_grads`). `step()` calls it; an
+        engine that must reduce or measure the gradients first (DeepSpeed, for a part split off with
+        `split_sparse_compute`) calls it before `step()`, which then uses what it returned."""
+        active = self._active_grads() if self.compute == "sparse" else {}
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._pending = (grads, active)
+        return grads + list(active.values())
+
+    @torch.no_grad()
     def step(self, closure: Callable | None = None) -> None:
         assert closure is None, "SparseAdam takes no closure"
         start = time.perf_counter()
-        active = self._active_grads() if self.compute == "sparse" else {}
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self._pending is None:
+            self.gradients()
+        grads, active = self._pending
+        self._pending = None
         rms = self._global_rms() if self._global_rms is not None else None
         numel = self.numel
         if active:  # the RMS over the entries that have a gradient: sparse-compute matrices count their active set
@@ -152,6 +167,37 @@ class SparseAdam(torch.optim.Optimizer):
         self.timings = timings
 
     # --- the L0-following step (sparsity.compute=sparse; kernels/sparse_compute.py) -------------------------
+    def split_sparse_compute(self) -> "SparseAdam | None":
+        """Move the matrices the sparse step will take (their group's target density passes the dispatch
+        rule on their device) into a new optimizer of the same settings, and return it (None if there are
+        none). This one keeps the rest and the exact step. A sharding engine calls it before it shards: ZeRO
+        would flatten those matrices into dense partitions with dense Adam state, while the sparse step
+        keeps their state on the active entries and updates them in place. Call it before any step."""
+        if self.compute != "sparse" or any(self.state.values()):
+            return None
+
+        def taken(p: torch.Tensor, spec: SparseSpec) -> bool:
+            target = self.targets.get(spec.group, 1.0)
+            return (spec.module is not None and hasattr(spec.module, "active") and p.dim() == 2
+                    and target < 1.0 and sc.pays(target, p.device))
+
+        moved = {p for p, spec in self.specs.items() if taken(p, spec)}
+        if not moved:
+            return None
+        groups = []
+        for group in self.param_groups:
+            mine = [p for p in group["params"] if p in moved]
+            if mine:
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine})
+                group["params"] = [p for p in group["params"] if p not in moved]
+        self.param_groups = [g for g in self.param_groups if g["params"]]
+        specs = {p: self.specs.pop(p) for p in list(self.specs) if p in moved}
+        self.numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+        self.compute = "exact"
+        return SparseAdam(groups, specs, betas=self.defaults["betas"], weight_decay=self.weight_decay,
+                          floor=self.floor, kernels=self.kernels, grad_rms=self.grad_rms_mode, compute="sparse",
+                          regrow_every=self.regrow_every, candidates=self.candidates, targets=self.targets)
+
     def _active_grads(self) -> dict[torch.Tensor, torch.Tensor]:
         """Each sparse-compute matrix's gradient over its active set. A matrix enters the mode at the first
         step whose density the dispatch rule (`sparse_compute.pays`) takes, from a dense step; a dense

@@ -70,8 +70,13 @@ class ActiveSet:
             self._version = weight._version
         return self._values
 
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """This step's gradient at the active entries so far (None before a backward pass)."""
+        return None if self._values is None else self._values.grad
+
     def take_grad(self) -> torch.Tensor | None:
-        grad = None if self._values is None else self._values.grad
+        grad = self.grad
         self._values = None
         return grad
 

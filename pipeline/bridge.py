@@ -51,12 +51,20 @@ from model.bridge import (
 from model.gpt import GPT
 from model.sparsity import sparse_tensors
 from pipeline.circuits import load_model, require_trained
-from pipeline.config import CONFIG_FILENAME, ExperimentConfig, config_to_yaml, resolve_config, save_config, token_loader
+from pipeline.config import (
+    CONFIG_FILENAME,
+    ExperimentConfig,
+    config_to_yaml,
+    engine_kind,
+    resolve_config,
+    save_config,
+    token_loader,
+)
 from pipeline.data import Dataset, build_data
 from pipeline.errors import UserError
 from pipeline.export import export_model
 from pipeline.train import TrainingSetup, bigram_log_probs, make_engine, train
-from pipeline.trial import config_digest, engine_kind, finished, flat_params, silent, train_sample
+from pipeline.trial import config_digest, finished, flat_params, silent, train_sample
 
 SUMMARY = "final_metrics.json"
 BRIDGE_FILE = "bridge.json"

@@ -172,11 +172,20 @@ def validate_config(cfg: ExperimentConfig) -> None:
         for check, section in checks:
             check(section)
         check_sparsity_fits(cfg.model, cfg.sparsity)
-        if cfg.sparsity.compute == "sparse" and (cfg.trial.workers > 1 or cfg.trial.engine == "deepspeed"):
-            raise ValueError("sparsity.compute: sparse trains on the torch engine (trial.workers=1): ZeRO shards "
-                             "dense optimizer state, the sparse step keeps it on the active entries only")
+        stage = cfg.deepspeed.zero_stage
+        if cfg.sparsity.compute == "sparse" and engine_kind(cfg) == "deepspeed" and stage not in (1, 2):
+            raise ValueError(f"sparsity.compute: sparse runs under DeepSpeed ZeRO stage 1 or 2, got "
+                             f"deepspeed.zero_stage={stage} (stage 0 would average the sparse matrices' "
+                             "gradients twice, stage 3 shards their weights)")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def engine_kind(cfg: ExperimentConfig) -> str:
+    """trial.engine, with auto = DeepSpeed for several workers, plain torch for one."""
+    if cfg.trial.engine != "auto":
+        return cfg.trial.engine
+    return "deepspeed" if cfg.trial.workers > 1 else "torch"
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

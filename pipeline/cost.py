@@ -15,15 +15,15 @@ from typing import Literal
 
 import torch
 
+from kernels.sparse_compute import CROSSOVER
 from kernels.topk import keep_count
 from model.config import ModelConfig, abstopk_k, location_width
 from model.gpt import GPT
 from model.sparsity import density_for, sparse_tensors
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, engine_kind
 from pipeline.train import schedule_at, tokens_per_step
-from pipeline.trial import engine_kind
 
-EngineKind = Literal["torch", "deepspeed"]  # pipeline.trial.engine_kind's answer
+EngineKind = Literal["torch", "deepspeed"]  # pipeline.config.engine_kind's answer
 Precision = Literal["fp32", "bf16"]
 
 
@@ -55,6 +55,12 @@ class Memory:
     @property
     def total(self) -> float:
         return self.params + self.grads + self.optimizer + self.masks + max(self.forward, self.step)
+
+
+def sparse_step_crossover(device_type: str) -> float | None:
+    """The matrix density at or below which the L0-following step (sparsity.compute=sparse) pays on a device
+    type, as measured (kernels/sparse_compute.py's dispatch rule); None where none was measured."""
+    return CROSSOVER.get(device_type)
 
 
 def count_params(cfg: ExperimentConfig) -> ParamCount:

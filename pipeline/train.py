@@ -39,9 +39,15 @@ class Schedule:
     lr: float
 
 
+def target_densities(sparsity: SparsityConfig) -> dict[str, float]:
+    """The densities the anneal ends at, keyed as the optimizer's `schedule` takes them."""
+    embedding = sparsity.embedding_density if sparsity.embedding_density is not None else sparsity.density
+    return {"matrix": sparsity.density, "embedding": embedding, "bias": embedding}
+
+
 def schedule_at(step: int, train: TrainConfig, sparsity: SparsityConfig) -> Schedule:
-    target = sparsity.density
-    embedding_target = sparsity.embedding_density if sparsity.embedding_density is not None else target
+    targets = target_densities(sparsity)
+    target, embedding_target = targets["matrix"], targets["embedding"]
     density = density_at(step, train.steps, target, sparsity)
     return Schedule(
         density=density,
@@ -82,7 +88,9 @@ def build_optimizer(
             specs[p] = SparseSpec("dense", None, decay=True)
     return SparseAdam(groups, specs, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
                       floor=sparsity.neuron_floor, kernels=model.kernels, grad_rms=train.grad_rms,
-                      compute=sparsity.compute, regrow_every=sparsity.regrow_every, candidates=sparsity.candidates)
+                      compute=sparsity.compute, regrow_every=sparsity.regrow_every, candidates=sparsity.candidates,
+                      targets=target_densities(sparsity))
+
 
 
 
@@ -109,7 +117,7 @@ def train_step(
     loss = engine.forward_backward(micro_batches, loss_fn)
     tock = time.perf_counter()
     densities = {"matrix": schedule.density, "embedding": schedule.embedding_density,
-                 "bias": schedule.embedding_density}
+                 "bias": schedule.embedding_density}  # the keys of target_densities
     stats = engine.step(schedule.lr, densities)
     phases = {"fwd_bwd_s": tock - tick, "optim_s": time.perf_counter() - tock}
     return {"loss": loss, "lr": schedule.lr, "density": schedule.density} | stats | phases

@@ -37,7 +37,7 @@ from model.config import param_counts
 from model.gpt import GPT
 from model.sparsity import sparse_tensors
 from pipeline.circuits import prune_run
-from pipeline.config import CONFIG_FILENAME, ExperimentConfig, config_to_yaml, save_config, token_loader
+from pipeline.config import CONFIG_FILENAME, ExperimentConfig, config_to_yaml, engine_kind, save_config, token_loader
 from pipeline.data import Dataset, build_data
 from pipeline.evaluate import task_metrics
 from pipeline.export import export_model
@@ -188,13 +188,6 @@ def build_training(cfg: ExperimentConfig, dataset: Dataset, device: str) -> Trai
                           world_size=engine.world_size)
     val = token_loader(cfg, dataset, "val", shuffle=False)
     return TrainingSetup(model=model, tensors=tensors, engine=engine, loader=loader, val=val)
-
-
-def engine_kind(cfg: ExperimentConfig) -> str:
-    """trial.engine, with auto = DeepSpeed for several workers, plain torch for one."""
-    if cfg.trial.engine != "auto":
-        return cfg.trial.engine
-    return "deepspeed" if cfg.trial.workers > 1 else "torch"
 
 
 def finished(run_dir: Path, cfg: ExperimentConfig, record: str = TRIAL_FILE) -> bool:

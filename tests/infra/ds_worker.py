@@ -101,3 +101,70 @@ def group_at_exit(out: str) -> None:
     dist.all_gather(gathered, torch.tensor([float(rank)]))
     assert [float(t) for t in gathered] == [float(r) for r in range(world)]
     atexit.register(lambda: Path(f"{out}.{rank}").write_text(str(dist.is_initialized())))
+
+
+# sparsity.compute=sparse under ZeRO 1-2: a model whose matrices pass the CPU crossover (1/64 < 1/32), the
+# anneal at the target after 3 of 12 steps, a regrow step every 3
+SPARSE_MODEL = ModelConfig(d_model=128, num_layers=1, d_head=32, context_length=16)
+SPARSE = SparsityConfig(density=1 / 64, neuron_floor=2, compute="sparse", regrow_every=3, anneal_start=0.0,
+                        anneal_end=0.25)
+SPARSE_TRAIN = TrainConfig(steps=12, batch_size=4, lr=1e-2)
+
+
+def sparse_engine(kind: str, stage: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = GPT(SPARSE_MODEL, 80)
+    tensors = sparse_tensors(model, SPARSE)
+    optimizer = build_optimizer(model, tensors, SPARSE_TRAIN, SPARSE)
+    engine = wrap(model, optimizer, engine=kind, cfg=DeepSpeedConfig(zero_stage=stage), micro_batch=4,
+                  grad_accum=1, attach_masks=lambda masks: attach_masks(tensors, masks))
+    return engine, tensors
+
+
+def _sparse_invariants(engine, tensors, density: float) -> tuple[int, int]:
+    """After a step: every matrix holds exactly k weights, the per-neuron floor, zeros outside its mask;
+    one in the sparse step keeps Adam state on its active entries only. Returns (matrices in the sparse
+    step, of them at a regrow step next)."""
+    optimizer = getattr(engine, "side", None) or engine.optimizer
+    sparse = regrow = 0
+    for t in tensors:
+        if t.group != "matrix" or density >= 1.0:
+            continue
+        mask = t.module.mask
+        assert int(mask.sum()) == keep_count(t.param.numel(), density), t.name
+        assert not t.param.detach()[~mask].any(), t.name
+        assert int(mask.sum(dim=t.floor_dim).min()) >= SPARSE.neuron_floor, t.name
+        if t.module.active is not None:
+            state = optimizer.state[t.param]
+            assert "exp_avg" not in state and state["active_exp_avg"].numel() == t.module.active.index.numel()
+            sparse += 1
+            regrow += t.module.active.regrow
+    return sparse, regrow
+
+
+def sparse_compute_run(kind: str, stage: int, out: str, resume_at: int = 0) -> None:
+    """Train SPARSE_TRAIN.steps steps with sparsity.compute=sparse on this rank's share of fixed batches
+    (one process of the torch engine takes the whole batch: the same data), checking the invariants after
+    every step. With `resume_at`, the run stops there, a new engine built from other weights loads its full
+    state and trains on: the final state must equal the straight run's bit for bit. Every rank saves its
+    final model tensors (`out`.<rank>) and rank 0 a report (`out`.json)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    gen = torch.Generator().manual_seed(7)
+    whole = torch.randint(0, 80, (SPARSE_TRAIN.steps, 8, 17), generator=gen)  # the global batches
+    share = whole.shape[1] // world
+    data = [whole[s, rank * share: (rank + 1) * share] for s in range(SPARSE_TRAIN.steps)]
+    engine, tensors = sparse_engine(kind, stage)
+    sparse = regrows = 0
+    for step, batch in enumerate(data):
+        if resume_at and step == resume_at:
+            saved = {k: v.clone() for k, v in engine.full_state(every_rank=True).items()}
+            engine, tensors = sparse_engine(kind, stage, seed=7)
+            engine.load_full_state(saved)
+        stats = train_step(engine, [batch], step, SPARSE_TRAIN, SPARSE)
+        counts = _sparse_invariants(engine, tensors, stats["density"])
+        sparse, regrows = sparse + counts[0], regrows + counts[1]
+    state = engine.full_state(every_rank=True)
+    torch.save({k: v for k, v in state.items() if k.startswith("model/")}, f"{out}.{rank}")
+    if rank == 0:
+        Path(f"{out}.json").write_text(json.dumps({"world": world, "sparse_matrix_steps": sparse,
+                                                   "regrow_steps": regrows, "loss": stats["loss"]}))

@@ -183,7 +183,8 @@ def test_the_dispatch_rule_follows_the_measured_crossover():
     (["sparsity.compute=fast"], "sparsity.compute"),
     (["sparsity.regrow_every=0"], "sparsity.regrow_every"),
     (["sparsity.candidates=0"], "sparsity.candidates"),
-    (["sparsity.compute=sparse", "trial.workers=2"], "torch engine"),
+    (["sparsity.compute=sparse", "trial.workers=2", "deepspeed.zero_stage=3"], "ZeRO stage 1 or 2"),
+    (["sparsity.compute=sparse", "trial.engine=deepspeed", "deepspeed.zero_stage=0"], "ZeRO stage 1 or 2"),
 ])
 def test_bad_sparse_compute_settings_are_named(override, says):
     with pytest.raises(ConfigError, match=says):
