@@ -11,10 +11,14 @@ R = regrow_every (100). Medians over `--repeats` steps. Memory, exact / sparse: 
 the RSS after the timed steps; the peak RSS includes the first, dense steps (as a real run's does: its
 L0 anneal starts dense, and the exact path runs until the density passes the crossover).
 
-Ends with a JSON line: `sparse_vs_exact_1_64` and `sparse_vs_exact_1_256` (amortized sparse step over the
-exact step at d_model 1024 on this machine), `device`, and every measured row.
+With `--zero STAGE` every configuration trains under DeepSpeed ZeRO 1 or 2 on `--workers` local workers
+(gloo on CPU; each worker takes the batch, so a step trains workers x batch sequences): the figures are rank
+0's (its step time, its optimizer state: its ZeRO shard plus the sparse part, which ZeRO does not hold).
 
-    .venv/bin/python benchmarks/l0_step.py [--repeats 3] [--quick]
+Ends with a JSON line: `sparse_vs_exact_1_64` and `sparse_vs_exact_1_256` (amortized sparse step over the
+exact step at d_model 1024 on this machine), `device`, `zero` (the stage, or null), and every measured row.
+
+    .venv/bin/python benchmarks/l0_step.py [--repeats 3] [--quick] [--zero 2 --workers 2]
 """
 
 import argparse
@@ -46,12 +50,21 @@ SHAPES = {
 QUICK = {1024: (2, 8, ["1/16", "1/32", "1/64", "1/256"])}
 
 
+def optimizer_state_mb(engine) -> float:
+    """This process's optimizer state: the plain-torch engine's, or under DeepSpeed its ZeRO shard's plus
+    the sparse part's (split off, replicated)."""
+    optimizers = [engine.sparse, engine.side] if hasattr(engine, "sparse") else [engine.optimizer]
+    return sum(v.nbytes for opt in optimizers if opt is not None for state in opt.state.values()
+               for v in state.values() if torch.is_tensor(v)) / 2**20
+
+
 def measure(d_model: int, layers: int, batch: int, density: float, compute: str, repeats: int,
-            every_density: bool = False) -> dict:
-    """One configuration, in this process: median step seconds (and the regrow step's for sparse), the
-    optimizer state's size and the process's RSS after the timed steps."""
+            every_density: bool = False, zero: int | None = None) -> dict:
+    """One configuration, in this process (one rank of it under `zero`): median step seconds (and the regrow
+    step's for sparse), the optimizer state's size and the process's RSS after the timed steps."""
     import psutil
 
+    from infra.engine import DeepSpeedConfig
     from kernels import sparse_compute
     from model.gpt import GPT
     from model.sparsity import sparse_tensors
@@ -70,7 +83,11 @@ def measure(d_model: int, layers: int, batch: int, density: float, compute: str,
     model = GPT(cfg.model, VOCAB)
     train = TrainConfig(steps=1000, batch_size=batch)
     tensors = sparse_tensors(model, cfg.sparsity)
-    engine = make_engine(model, tensors, train, cfg.sparsity)
+    if zero is None:
+        engine = make_engine(model, tensors, train, cfg.sparsity)
+    else:
+        engine = make_engine(model, tensors, train, cfg.sparsity, kind="deepspeed",
+                             deepspeed=DeepSpeedConfig(zero_stage=zero))
     data = torch.randint(0, VOCAB, (batch, cfg.model.context_length + 1))
     step = int(0.6 * train.steps)  # past the anneal: the target density
     for i in range(3):  # the first projection, the step into the sparse mode, one more (allocator, state)
@@ -93,16 +110,23 @@ def measure(d_model: int, layers: int, batch: int, density: float, compute: str,
             regrows.append(time.perf_counter() - tick)
         out["regrow_s"] = statistics.median(regrows)
         out["amortized_s"] = (out["regrow_s"] + (REGROW_EVERY - 1) * out["step_s"]) / REGROW_EVERY
-    out["optim_state_mb"] = sum(v.nbytes for state in engine.optimizer.state.values() for v in state.values()
-                                if torch.is_tensor(v)) / 2**20
+    out["optim_state_mb"] = optimizer_state_mb(engine)
     out["rss_mb"] = psutil.Process().memory_info().rss / 2**20
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
-def run_child(d_model, layers, batch, density, compute, repeats, every_density=False) -> dict:
+def measure_rank(args: list, out: str) -> None:
+    """`measure` on one rank of a DeepSpeed run (infra.distributed.spawn); rank 0 writes the figures."""
+    figures = measure(*args)
+    if os.environ["RANK"] == "0":
+        Path(out).write_text(json.dumps(figures))
+
+
+def run_child(d_model, layers, batch, density, compute, repeats, every_density=False, zero=None,
+              workers=1) -> dict:
     args = [sys.executable, __file__, "--child",
-            json.dumps([d_model, layers, batch, density, compute, repeats, every_density])]
+            json.dumps([[d_model, layers, batch, density, compute, repeats, every_density, zero], workers])]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -117,20 +141,35 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d_model 1024 only, 1/16 to 1/256")
     parser.add_argument("--every-density", action="store_true",
                         help="the sparse step at every density, whatever the dispatch rule says (finds the crossover)")
+    parser.add_argument("--zero", type=int, choices=[1, 2], help="train under DeepSpeed ZeRO at this stage")
+    parser.add_argument("--workers", type=int, default=2, help="DeepSpeed workers with --zero (default 2)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(*json.loads(args.child))))
+        config, workers = json.loads(args.child)
+        if config[-1] is None:
+            print(json.dumps(measure(*config)))
+            return
+        import tempfile
+
+        from infra.distributed import spawn
+
+        with tempfile.TemporaryDirectory() as tmp:
+            spawn(measure_rank, workers, config, f"{tmp}/rank0.json")
+            print(Path(f"{tmp}/rank0.json").read_text())
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; medians of {args.repeats} "
-          f"steps; sparse amortized over regrow_every={REGROW_EVERY}")
+    where = f"ZeRO {args.zero} on {args.workers} workers (rank 0's figures)" if args.zero else "one process"
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {where}; medians of "
+          f"{args.repeats} steps; sparse amortized over regrow_every={REGROW_EVERY}")
+    workers = args.workers if args.zero else 1
     rows, ratios = [], {}
     for d_model, (layers, batch, labels) in (QUICK if args.quick else SHAPES).items():
         for label in labels:
             density = 1 / int(label.split("/")[1])
-            exact = run_child(d_model, layers, batch, density, "exact", args.repeats)
-            sparse = run_child(d_model, layers, batch, density, "sparse", args.repeats, args.every_density)
+            exact = run_child(d_model, layers, batch, density, "exact", args.repeats, zero=args.zero, workers=workers)
+            sparse = run_child(d_model, layers, batch, density, "sparse", args.repeats, args.every_density,
+                               zero=args.zero, workers=workers)
             ratio = sparse["amortized_s"] / exact["step_s"]
             row = {"d_model": d_model, "layers": layers, "tokens": batch * 128, "density": label,
                    "exact_s": round(exact["step_s"], 4), "sparse_s": round(sparse["step_s"], 4),
@@ -147,7 +186,7 @@ def main() -> None:
                   f"{exact['peak_rss_mb']:5.0f} / {sparse['peak_rss_mb']:5.0f})  {sparse['sparse_matrices']} sparse "
                   "matrices",
                   flush=True)
-    print(json.dumps({**ratios, "device": device, "rows": rows}))
+    print(json.dumps({**ratios, "device": device, "zero": args.zero, "rows": rows}))
 
 
 if __name__ == "__main__":
