@@ -34,6 +34,7 @@ from pipeline.cost import (
     Precision,
     count_params,
     memory_per_rank,
+    sparse_step_crossover,
     trial_engine,
     trial_tokens_per_step,
 )
@@ -267,7 +268,19 @@ def summary(plan: Plan) -> dict:
         "gpus_per_trial": plan.study.workers,
         "right_sized_gpus": sum(fits), "right_sized_nodes": pack_nodes(fits),
         "data_cpus": data_cpus(plan.study), "data_hours_per_tb": round(data_hours_per_tb(plan.study), 2),
+        "l0_gpu_crossover": sparse_step_crossover("cuda"),
+        "trial_flops_below_cpu_crossover": below_crossover(plan)[1],
     }
+
+
+def below_crossover(plan: Plan) -> tuple[int, float]:
+    """(trials whose matrix density is at or below the CPU's measured crossover of the L0-following step,
+    their share of the trials' dense-equivalent FLOPs): what that step could take, were it to pay there on
+    the GPU too (kernels/sparse_compute.py; no GPU crossover is measured, so the GPU-hours are the exact
+    recipe's, which is what the trials run there)."""
+    below = [t for t in plan.trials if t.spec.config.sparsity.density <= sparse_step_crossover("cpu") + 1e-12]
+    total = sum(t.flops for t in plan.trials)
+    return len(below), round(sum(t.flops for t in below) / total, 4) if total else 0.0
 
 
 def format_plan(plan: Plan) -> str:
@@ -325,6 +338,7 @@ def _totals(plan: Plan) -> list[str]:
         f"{largest.spec.name.split('-', 1)[0]}, d_model {largest.spec.config.model.d_model}); an estimate, against "
         f"{HEADROOM:.0%} of the card's {plan.gpu.memory_bytes / 1e9:g} GB",
         *_packing(plan),
+        _l0_line(plan),
         f"  data preparation (CPU, once per corpus; not in the GPU-hours): about "
         f"{data_hours_per_tb(study):.1f} h per TB of text on the study's {data_cpus(study)} CPUs "
         f"(max_concurrent_trials x workers x cpus_per_worker), extrapolated from "
@@ -336,6 +350,18 @@ def _totals(plan: Plan) -> list[str]:
     if study.gpus_per_worker != 1:
         lines.append(f"  note: the study asks {study.gpus_per_worker:g} GPUs per worker; priced as one GPU per worker")
     return lines
+
+
+def _l0_line(plan: Plan) -> str:
+    """The L0-following step's place in the estimate. No GPU crossover was measured (sparse_step_crossover),
+    so on a GPU the dispatch rule keeps every trial on the exact path, and that is what the GPU-hours cost."""
+    count, share = below_crossover(plan)
+    cpu = round(1 / sparse_step_crossover("cpu"))
+    return (f"  L0-following step (sparsity.compute=sparse): no GPU crossover measured, so the GPU-hours are the "
+            f"exact recipe's, which every trial runs on a GPU; {count} of {len(plan.trials)} trials are at or "
+            f"below the CPU's crossover (1/{cpu}) and hold {share:.0%} of the trials' FLOPs, the share a GPU "
+            "crossover there could cut (on the CPU the sparse step took 0.12-0.5x the exact one: "
+            "benchmarks/l0_step.py)")
 
 
 def _packing(plan: Plan) -> list[str]:

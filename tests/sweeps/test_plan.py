@@ -165,3 +165,19 @@ def test_paper_study_plan(capsys):
     assert figures["data_cpus"] == 128
     assert figures["data_hours_per_tb"] == pytest.approx(1e6 / (0.85 * 128) / 3600, abs=0.01)
     assert any(line.startswith("  data preparation") and "h per TB" in line for line in lines)
+
+
+def test_the_plan_says_what_the_l0_step_would_take(tmp_path, capsys):
+    """No GPU crossover is measured: the GPU-hours stay the exact recipe's, and the plan says how much of the
+    trials' FLOPs sits at or below the CPU's crossover (1/32): here the 1/16 point is above it, 1/64 below."""
+    text = STUDY.replace("sparsity.density: 0.0625", "sparsity.density: 0.015625, sparsity.neuron_floor: 2")
+    plan = plan_study(write(tmp_path, text), gpu="h100")
+    figures = summary(plan)
+    below = [t for t in plan.trials if t.spec.config.sparsity.density == 0.015625]
+    assert figures["l0_gpu_crossover"] is None
+    assert figures["trial_flops_below_cpu_crossover"] == pytest.approx(
+        sum(t.flops for t in below) / sum(t.flops for t in plan.trials), abs=1e-4)
+    assert 0 < figures["trial_flops_below_cpu_crossover"] < 1
+    assert main(["plan", str(write(tmp_path, text)), "--gpu", "h100"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "L0-following" in x)
+    assert "1 of 3 trials" in line and "no GPU crossover" in line
