@@ -91,6 +91,13 @@ def normalize_grad_rms_(
     return rms
 
 
+def _takes_sparse_step(p: torch.Tensor, spec: SparseSpec, density: float) -> bool:
+    """Whether a tensor at `density` trains through the sparse step: a masked linear's matrix, below dense,
+    where the dispatch rule (`sparse_compute.pays`) says it pays on its device."""
+    return (spec.module is not None and hasattr(spec.module, "active") and p.dim() == 2 and density < 1.0
+            and sc.pays(density, p.device))
+
+
 class SparseAdam(torch.optim.Optimizer):
     """Adam (betas, eps per group) whose step first normalizes the global gradient RMS, then updates,
     projects and decays, through `kernels`.
@@ -176,12 +183,7 @@ class SparseAdam(torch.optim.Optimizer):
         if self.compute != "sparse" or any(self.state.values()):
             return None
 
-        def taken(p: torch.Tensor, spec: SparseSpec) -> bool:
-            target = self.targets.get(spec.group, 1.0)
-            return (spec.module is not None and hasattr(spec.module, "active") and p.dim() == 2
-                    and target < 1.0 and sc.pays(target, p.device))
-
-        moved = {p for p, spec in self.specs.items() if taken(p, spec)}
+        moved = {p for p, spec in self.specs.items() if _takes_sparse_step(p, spec, self.targets.get(spec.group, 1.0))}
         if not moved:
             return None
         groups = []
@@ -204,12 +206,9 @@ class SparseAdam(torch.optim.Optimizer):
         gradient (that step, and every regrow step) first re-chooses the active set (`_regrow`)."""
         out = {}
         for p, spec in self.specs.items():
-            module = spec.module
-            if module is None or p.dim() != 2 or not hasattr(module, "active"):
-                continue
-            density = self.densities.get(spec.group, 1.0)
-            if module.active is None:
-                if p.grad is None or module.mask is None or density >= 1.0 or not sc.pays(density, p.device):
+            module, density = spec.module, self.densities.get(spec.group, 1.0)
+            if getattr(module, "active", None) is None:  # not in the mode yet: enter it from a dense step
+                if p.grad is None or not _takes_sparse_step(p, spec, density) or module.mask is None:
                     continue
             if p.grad is not None:  # a dense step: the regrow pass
                 out[p] = self._regrow(p, spec, density)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from kernels.sparse_compute import CROSSOVER
+from kernels.sparse_compute import CROSSOVER, pays
 from kernels.topk import keep_count
 from model.config import ModelConfig, abstopk_k, location_width
 from model.gpt import GPT
@@ -61,6 +61,11 @@ def sparse_step_crossover(device_type: str) -> float | None:
     """The matrix density at or below which the L0-following step (sparsity.compute=sparse) pays on a device
     type, as measured (kernels/sparse_compute.py's dispatch rule); None where none was measured."""
     return CROSSOVER.get(device_type)
+
+
+def sparse_step_pays(density: float, device_type: str) -> bool:
+    """The dispatch rule itself (kernels/sparse_compute.py `pays`), for a density on a device type."""
+    return pays(density, torch.device(device_type))
 
 
 def count_params(cfg: ExperimentConfig) -> ParamCount:

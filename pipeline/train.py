@@ -92,8 +92,6 @@ def build_optimizer(
                       targets=target_densities(sparsity))
 
 
-
-
 def make_engine(model: GPT, tensors: list[SparseTensor], train: TrainConfig, sparsity: SparsityConfig, *,
                 kind: str = "torch", deepspeed: DeepSpeedConfig | None = None) -> Engine:
     """The model wrapped for training (`infra.engine.wrap`) over a fresh fused sparse Adam: "torch" for

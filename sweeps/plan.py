@@ -35,6 +35,7 @@ from pipeline.cost import (
     count_params,
     memory_per_rank,
     sparse_step_crossover,
+    sparse_step_pays,
     trial_engine,
     trial_tokens_per_step,
 )
@@ -278,7 +279,7 @@ def below_crossover(plan: Plan) -> tuple[int, float]:
     their share of the trials' dense-equivalent FLOPs): what that step could take, were it to pay there on
     the GPU too (kernels/sparse_compute.py; no GPU crossover is measured, so the GPU-hours are the exact
     recipe's, which is what the trials run there)."""
-    below = [t for t in plan.trials if t.spec.config.sparsity.density <= sparse_step_crossover("cpu") + 1e-12]
+    below = [t for t in plan.trials if sparse_step_pays(t.spec.config.sparsity.density, "cpu")]
     total = sum(t.flops for t in plan.trials)
     return len(below), round(sum(t.flops for t in below) / total, 4) if total else 0.0
 

@@ -30,10 +30,13 @@ def make_engine(kind: str, stage: int):
     return engine, tensors
 
 
-def batches(rank: int, world: int, steps: int):
+def batches(rank: int, world: int, steps: int, rows: int | None = None):
+    """This rank's share of fixed global batches of `rows` sequences (default 4 per rank)."""
+    rows = rows or world * 4
     gen = torch.Generator().manual_seed(7)
-    data = torch.randint(0, 80, (steps, world * 4, 17), generator=gen)
-    return [data[s, rank * 4 : (rank + 1) * 4] for s in range(steps)]
+    data = torch.randint(0, 80, (steps, rows, 17), generator=gen)
+    share = rows // world
+    return [data[s, rank * share : (rank + 1) * share] for s in range(steps)]
 
 
 def check_zeros_survive(stage: int, out: str) -> None:
@@ -149,10 +152,7 @@ def sparse_compute_run(kind: str, stage: int, out: str, resume_at: int = 0) -> N
     state and trains on: the final state must equal the straight run's bit for bit. Every rank saves its
     final model tensors (`out`.<rank>) and rank 0 a report (`out`.json)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    gen = torch.Generator().manual_seed(7)
-    whole = torch.randint(0, 80, (SPARSE_TRAIN.steps, 8, 17), generator=gen)  # the global batches
-    share = whole.shape[1] // world
-    data = [whole[s, rank * share: (rank + 1) * share] for s in range(SPARSE_TRAIN.steps)]
+    data = batches(rank, world, SPARSE_TRAIN.steps, rows=8)  # the same global batches whatever the world
     engine, tensors = sparse_engine(kind, stage)
     sparse = regrows = 0
     for step, batch in enumerate(data):
