@@ -232,7 +232,7 @@ def match_task(records: list[TrialRecord], task: str, size: Callable[[object], i
         upper = [d for d in dense if d[0] >= r.val_loss]
         if not lower or not upper:
             side = "no dense model found it" if not dense else \
-                ("below every dense loss" if not lower else "above every dense loss")
+                ("below" if not lower else "above") + " the loss of every dense model that found it"
             unmatched.append(Unmatched(task, r.trial, f"loss {r.val_loss:.3f} {side} (no extrapolation)"))
             continue
         (l0, e0, t0), (l1, e1, t1) = lower[-1], upper[0]

@@ -76,7 +76,7 @@ def test_matches_interpolate_between_the_bracketing_dense_models(seeded_study):
                record("s-low", 64, 0.25, 2.5, {"t": 5}), record("s-high", 64, 0.25, 4.5, {"t": 5}),
                record("s-none", 64, 0.25, 3.5, {"u": 5})]
     matches, unmatched = match_task(outside, "t")
-    assert matches == [] and [(u.trial, "below every" in u.reason or "above every" in u.reason)
+    assert matches == [] and [(u.trial, "below the loss of every" in u.reason or "above the loss of every" in u.reason)
                                 for u in unmatched] == [("s-low", True), ("s-high", True)]
     assert "no dense model found it" in match_task(outside, "u")[1][0].reason
 
