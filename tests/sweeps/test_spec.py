@@ -67,7 +67,7 @@ def test_study_keys_can_be_overridden_from_the_command_line(tmp_path):
     assert study.storage_path == "/x" and study.max_concurrent_trials == 3 and trials[0].config.train.steps == 7
 
 
-@pytest.mark.parametrize("name,count", [("smoke", 3), ("cpu", 7), ("paper", 56)])
+@pytest.mark.parametrize("name,count", [("smoke", 3), ("cpu", 10), ("paper", 56)])
 def test_shipped_studies_load(name, count):
     from pathlib import Path
 
@@ -80,11 +80,11 @@ def test_shipped_studies_load(name, count):
         assert study.lr_search.lrs and study.seeds == 2
     if name != "smoke":  # both presets: the paper's activation sparsity
         assert all(t.config.model.afrac == 0.25 for t in trials)
-    if name == "cpu":  # two seeds of each sparse point (d64 at 1/4 and 1/2), one per rung of the dense ladder;
+    if name == "cpu":  # two seeds of each sparse point (d64 at 1/4 and 1/2) and of each rung of the dense ladder;
         # each point's rate pinned in the file to the search's choice (its comments), different from the default
         sparse = sorted(t.config.sparsity.density for t in trials if t.config.sparsity.density < 1)
         assert sparse == [0.25, 0.25, 0.5, 0.5]
-        assert sorted(t.config.model.d_model for t in trials if t.config.sparsity.density == 1) == [32, 48, 64]
+        assert sorted(t.config.model.d_model for t in trials if t.config.sparsity.density == 1) == [32, 32, 48, 48, 64, 64]
         assert not study.lr_search.lrs and all("train.lr" in p for p in study.points)
         assert {t.config.train.lr for t in trials} == {0.03, 0.01}
 
