@@ -84,7 +84,8 @@ def test_shipped_studies_load(name, count):
         # each point's rate pinned in the file to the search's choice (its comments), different from the default
         sparse = sorted(t.config.sparsity.density for t in trials if t.config.sparsity.density < 1)
         assert sparse == [0.25, 0.25, 0.5, 0.5]
-        assert sorted(t.config.model.d_model for t in trials if t.config.sparsity.density == 1) == [32, 32, 48, 48, 64, 64]
+        dense = sorted(t.config.model.d_model for t in trials if t.config.sparsity.density == 1)
+        assert dense == [32, 32, 48, 48, 64, 64]
         assert not study.lr_search.lrs and all("train.lr" in p for p in study.points)
         assert {t.config.train.lr for t in trials} == {0.03, 0.01}
 
